@@ -1,0 +1,46 @@
+"""The `speedrun` command. Each subcommand lives in the module that does the work and adds itself
+here through a `register(subparsers)` function."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from speedrun.errors import SpeedrunError
+
+# Modules that contribute subcommands, in the order `--help` lists them.
+COMMAND_MODULES = [
+    "speedrun.train",
+    "speedrun.data.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="speedrun", description="Train GPT language models as fast as the hardware allows.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.import_module('speedrun').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except SpeedrunError as e:
+        print(f"speedrun {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"speedrun {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

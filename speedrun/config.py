@@ -1,0 +1,310 @@
+"""Run configuration: typed dataclasses, filled from preset TOML files, a user TOML file and
+`--set section.key=value` overrides, in that order. Configs are data; the code never branches on
+a preset's name."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+
+from speedrun.errors import UsageError
+
+
+class ConfigError(UsageError):
+    """Bad configuration input; the message is one line naming the key or file."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50257
+    vocab_multiple: int = 128  # pad the embedding/head rows so matmuls tile evenly
+    n_layer: int = 12
+    n_head: int = 6
+    head_dim: int = 128
+    model_dim: int = 768
+    mlp_ratio: int = 4
+    activation: str = "relu2"  # relu2 | gelu
+    norm: str = "rms"  # rms (parameter-free) | layernorm (learned, nanoGPT)
+    positional: str = "rotary"  # rotary | learned
+    max_seq_len: int = 1024  # only for learned positions
+    rotary_base: float = 1024.0
+    rotary_half_truncate: bool = True  # rotate only half the head dims, the rest stay position-free
+    qk_norm: bool = True
+    attn_scale: float = 0.12  # 0 means 1/sqrt(head_dim)
+    value_embeds: int = 3  # tables used in the first and last N layers; 0 disables
+    unet_skips: bool = True
+    x0_mix: bool = True  # mix rms_norm(embedding) into each block with learned scalars
+    skip_attn_layers: list[int] = field(default_factory=lambda: [7])
+    tied_head: bool = False
+    zero_init_proj: bool = True
+    zero_init_head: bool = True
+    bias: bool = False
+    logit_softcap: float = 30.0  # 0 disables; logits = cap * sigmoid(logits / softcap_temperature)
+    softcap_temperature: float = 7.5
+    attention: str = "flex"  # flex | sdpa (dense masks, unfused fallback)
+    document_mask: bool = True  # documents split at BOS attend only within themselves
+    sliding_window: bool = True
+    window_min: int = 128  # tokens, at step 0
+    window_max: int = 1792  # tokens, at the last step
+    window_block: int = 128  # FlexAttention block size; windows grow in these steps
+    long_short_pattern: str = "LSSSLSSLSSSL"  # one letter per layer: L = long window, S = window/2
+    fp8_head: str = "auto"  # auto (CUDA cc >= 8.9) | on | off
+    fp8_scales: list[float] = field(default_factory=lambda: [2.0, 512.0, 524288.0])  # x, w, grad
+    bf16_embeddings: bool = True  # on CUDA, store embedding tables in bf16 as the record does
+
+
+@dataclass
+class OptimConfig:
+    muon: bool = True  # Muon for hidden matrices; false puts every parameter in Adam(W)
+    muon_lr: float = 0.05
+    muon_momentum: float = 0.95
+    muon_momentum_start: float = 0.85
+    muon_momentum_warmup_steps: int = 300
+    muon_nesterov: bool = True
+    ns_steps: int = 5
+    adam_betas: list[float] = field(default_factory=lambda: [0.8, 0.95])
+    adam_eps: float = 1e-10
+    lr_head: float = 0.008
+    lr_embed: float = 0.6
+    lr_scalar: float = 0.04
+    lr_adam: float = 0.0  # the single AdamW lr when muon = false
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # 0 disables
+    schedule: str = "trapezoid"  # trapezoid (constant then linear cooldown) | cosine
+    warmup_steps: int = 0
+    cooldown_frac: float = 0.4
+    final_lr_frac: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    dir: str = ""  # empty: the built-in corpus
+    train_pattern: str = "*_train_*.bin"
+    val_pattern: str = "*_val_*.bin"
+    seq_len: int = 48 * 1024  # tokens in one sequence
+    micro_batch_seqs: int = 1  # sequences per rank per forward/backward
+    batch_tokens: int = 8 * 48 * 1024  # global tokens per optimizer step
+    val_tokens: int = 10485760
+    val_seq_len: int = 4 * 64 * 1024
+    bos_aligned: bool = False
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1770
+    val_every: int = 125  # 0: only at the end
+    seed: int = 0
+    compile: bool = True
+    device: str = "auto"  # auto | cpu | cuda
+    warmup_steps_untimed: int = 10  # compile warm-up steps whose effects are undone
+    log_every: int = 1
+    save_every: int = 0
+    keep: int = 2
+    target_val_loss: float = 3.28
+
+
+@dataclass
+class Config:
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS = ("model", "optim", "data", "train")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("speedrun.presets").iterdir() if p.name.endswith(".toml"))
+
+
+def _preset_text(name: str) -> str:
+    path = resources.files("speedrun.presets") / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset '{name}'; choose one of: {', '.join(preset_names())}")
+    return path.read_text()
+
+
+def _coerce(key: str, value, hint, where: str):
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(key, v, item, where) for v in value]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: '{key}' must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: '{key}' must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: '{key}' has an unsupported type")
+
+
+def _apply(cfg: Config, table: dict, where: str) -> None:
+    for key, value in table.items():
+        if key == "description":
+            cfg.description = _coerce(key, value, str, where)
+            continue
+        if key in ("preset",):
+            continue
+        if key not in SECTIONS or not isinstance(value, dict):
+            raise ConfigError(f"{where}: unknown key '{key}'; expected a [model], [optim], [data] or [train] table")
+        section = getattr(cfg, key)
+        hints = typing.get_type_hints(type(section))
+        for sub, subvalue in value.items():
+            if sub not in hints:
+                raise ConfigError(f"{where}: unknown key '{key}.{sub}'")
+            setattr(section, sub, _coerce(f"{key}.{sub}", subvalue, hints[sub], where))
+
+
+def _parse_override(text: str) -> tuple[str, str, object]:
+    if "=" not in text:
+        raise ConfigError(f"--set '{text}': expected section.key=value")
+    dotted, raw = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"--set '{text}': expected section.key=value, e.g. model.n_layer=4")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare words are strings: --set model.attention=sdpa
+    return parts[0], parts[1], value
+
+
+def load_config(preset: str | None = None, file: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults < preset < file < overrides. A file may name its own base with `preset = "..."`."""
+    cfg = Config()
+    file_table = None
+    if file is not None:
+        path = Path(file)
+        try:
+            file_table = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        if preset is None and isinstance(file_table.get("preset"), str):
+            preset = file_table["preset"]
+    if preset is not None:
+        _apply(cfg, tomllib.loads(_preset_text(preset)), f"preset {preset}")
+    if file_table is not None:
+        _apply(cfg, file_table, str(file))
+    for text in overrides:
+        section, key, value = _parse_override(text)
+        _apply(cfg, {section: {key: value}}, "--set")
+    validate(cfg)
+    return cfg
+
+
+def scale_steps(cfg: Config, steps: int) -> None:
+    """Shorten or lengthen a run: every step-counted schedule keeps its fraction of the run.
+    (The lr cooldown and window growth are already fractions.)"""
+    if steps <= 0:
+        raise ConfigError(f"--steps must be positive, got {steps}")
+    ratio = steps / cfg.train.steps
+    cfg.optim.muon_momentum_warmup_steps = round(cfg.optim.muon_momentum_warmup_steps * ratio)
+    cfg.optim.warmup_steps = round(cfg.optim.warmup_steps * ratio)
+    if cfg.train.val_every > 0:
+        cfg.train.val_every = max(1, round(cfg.train.val_every * ratio))
+    cfg.train.steps = steps
+
+
+_CHOICES = {
+    ("model", "activation"): ("relu2", "gelu"),
+    ("model", "norm"): ("rms", "layernorm"),
+    ("model", "positional"): ("rotary", "learned"),
+    ("model", "attention"): ("flex", "sdpa"),
+    ("model", "fp8_head"): ("auto", "on", "off"),
+    ("optim", "schedule"): ("trapezoid", "cosine"),
+    ("train", "device"): ("auto", "cpu", "cuda"),
+}
+
+
+def validate(cfg: Config) -> None:
+    for (section, key), allowed in _CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise ConfigError(f"'{section}.{key}' must be one of {', '.join(allowed)}; got '{value}'")
+    m, d, t = cfg.model, cfg.data, cfg.train
+    positive = [("model.n_layer", m.n_layer), ("model.n_head", m.n_head), ("model.head_dim", m.head_dim),
+                ("model.model_dim", m.model_dim), ("data.seq_len", d.seq_len), ("data.micro_batch_seqs", d.micro_batch_seqs),
+                ("data.batch_tokens", d.batch_tokens), ("data.val_tokens", d.val_tokens), ("data.val_seq_len", d.val_seq_len),
+                ("train.steps", t.steps)]
+    for name, value in positive:
+        if value <= 0:
+            raise ConfigError(f"'{name}' must be positive, got {value}")
+    if d.batch_tokens % (d.seq_len * d.micro_batch_seqs):
+        raise ConfigError(f"'data.batch_tokens' ({d.batch_tokens}) must be a multiple of data.seq_len × data.micro_batch_seqs "
+                          f"({d.seq_len * d.micro_batch_seqs})")
+    if m.attention == "flex" and d.seq_len % m.window_block:
+        raise ConfigError(f"'data.seq_len' ({d.seq_len}) must be a multiple of model.window_block ({m.window_block}) for flex attention")
+    if set(m.long_short_pattern) - {"L", "S"} or len(m.long_short_pattern) != m.n_layer:
+        raise ConfigError(f"'model.long_short_pattern' must be {m.n_layer} letters L or S (one per layer), "
+                          f"got '{m.long_short_pattern}'")
+    if m.value_embeds * 2 > m.n_layer:
+        raise ConfigError(f"'model.value_embeds' ({m.value_embeds}) needs at least twice as many layers, got {m.n_layer}")
+    if m.positional == "learned" and d.seq_len > m.max_seq_len:
+        raise ConfigError(f"'data.seq_len' ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}) for learned positions")
+    if not cfg.optim.muon and cfg.optim.lr_adam <= 0:
+        raise ConfigError("'optim.lr_adam' must be positive when optim.muon = false")
+
+
+def grad_accum_steps(cfg: Config, world_size: int) -> int:
+    """Micro-steps per optimizer step on each rank, so that the global batch never depends on W."""
+    per_micro = cfg.data.seq_len * cfg.data.micro_batch_seqs * world_size
+    if cfg.data.batch_tokens % per_micro:
+        raise ConfigError(
+            f"'data.batch_tokens' ({cfg.data.batch_tokens}) is not divisible by world size {world_size} × "
+            f"data.seq_len {cfg.data.seq_len} × data.micro_batch_seqs {cfg.data.micro_batch_seqs}; "
+            "choose a world size or micro-batch that divides the global batch")
+    return cfg.data.batch_tokens // per_micro
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_toml(cfg: Config) -> str:
+    def fmt(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return repr(v)
+
+    d = to_dict(cfg)
+    lines = [f"description = {fmt(d.pop('description'))}"]
+    for section in SECTIONS:
+        lines.append(f"\n[{section}]")
+        lines += [f"{k} = {fmt(v)}" for k, v in d[section].items()]
+    return "\n".join(lines) + "\n"
+
+
+def from_dict(table: dict, where: str = "config") -> Config:
+    cfg = Config()
+    _apply(cfg, table, where)
+    validate(cfg)
+    return cfg
+
+
+def preset_description(name: str) -> str:
+    return tomllib.loads(_preset_text(name)).get("description", "")
