@@ -16,6 +16,16 @@ COMMAND_MODULES = [
 ]
 
 
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from speedrun.config import preset_description, preset_names
+
+    names = preset_names()
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"{name:<{width}}  {preset_description(name)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="speedrun", description="Train GPT language models as fast as the hardware allows.")
@@ -23,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    sub.add_parser("presets", help="list the shipped presets").set_defaults(func=_cmd_presets)
     return parser
 
 

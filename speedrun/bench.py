@@ -1,0 +1,124 @@
+"""`speedrun bench`: step time, tokens/s, MFU, peak memory and compile time of a preset on this
+device, measured after warm-up as medians over several steps; `--vs` measures a second preset in
+the same process for a side-by-side ratio."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from speedrun.config import load_config
+from speedrun.distributed import setup, teardown
+from speedrun.runlog import device_description, peak_flops
+
+
+def measure(preset: str, overrides: list[str], steps: int, warmup: int, device: str, compile: bool | None) -> dict:
+    from speedrun.train import Trainer, _peak_memory_mib
+
+    cfg = load_config(preset, None, overrides)
+    cfg.train.device = device
+    if compile is not None:
+        cfg.train.compile = compile
+    rt = setup(cfg.train.device)
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    trainer = Trainer(cfg, rt, Path(tempfile.gettempdir()))
+    warm_s = trainer.warm_up(warmup)
+    times = []
+    for step in range(steps):
+        trainer._sync()
+        t0 = time.perf_counter()
+        trainer.train_step(step)
+        trainer._sync()
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    tokens_per_s = cfg.data.batch_tokens / step_s
+    peak = peak_flops(rt.device)
+    flops = trainer.model.flops_per_token(cfg.data.seq_len)
+    return {
+        "preset": preset, "device": device_description(rt.device), "world_size": rt.world_size,
+        "torch": torch.__version__, "compile": cfg.train.compile, "steps": steps,
+        "step_ms": round(step_s * 1000, 2), "step_ms_min": round(min(times) * 1000, 2),
+        "tokens_per_step": cfg.data.batch_tokens, "tokens_per_s": round(tokens_per_s, 1),
+        "mfu": round(flops * tokens_per_s / (peak * rt.world_size), 4) if peak else None,
+        "peak_memory_mib": round(_peak_memory_mib(rt.device), 1),
+        # Warm-up time less what the same number of steady steps take: the one-off compile cost.
+        "compile_s": round(max(warm_s - warmup * step_s, 0.0), 2),
+        "parameters": sum(p.numel() for p in trainer.model.parameters()),
+    }
+
+
+def compile_latency(preset: str, overrides: list[str], device: str) -> dict:
+    """Cold and warm compile time: the same one-step bench twice in fresh processes sharing a new,
+    empty compile cache."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        cmd = [sys.executable, "-m", "speedrun", "bench", "--preset", preset, "--steps", "1", "--warmup", "1",
+               "--device", device, "--compile", "--json", *sum((["--set", o] for o in overrides), [])]
+        runs = [json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout)
+                for _ in range(2)]
+    return {"cold_compile_s": runs[0]["results"][0]["compile_s"], "warm_compile_s": runs[1]["results"][0]["compile_s"]}
+
+
+def _row(r: dict) -> str:
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "—"
+    return (f"{r['preset']:<22} {r['step_ms']:>10.1f} {r['tokens_per_s']:>12,.0f} {mfu:>7} "
+            f"{r['peak_memory_mib']:>10,.0f} {r['compile_s']:>9.1f}")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="measure step time, tokens/s, MFU, memory and compile time",
+                       description="Benchmark presets on this device: medians over --steps steps after --warmup "
+                                   "untimed steps. Timings are for comparison within one run; ratios are reported.")
+    p.add_argument("--preset", default=None, help="preset to measure (default: tiny on CPU, gpt2-speedrun on CUDA)")
+    p.add_argument("--vs", help="a second preset measured in the same process, reported as a ratio")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override applied to both presets")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--compile-latency", action="store_true",
+                   help="also measure cold and warm compile time in fresh processes sharing an empty cache")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from speedrun.train import default_preset
+
+    preset = args.preset or default_preset()
+    try:
+        results = [measure(name, args.set, args.steps, args.warmup, args.device, args.compile)
+                   for name in [preset] + ([args.vs] if args.vs else [])]
+    finally:
+        teardown()
+    report = {"results": results}
+    if args.vs:
+        a, b = results
+        report["ratio"] = {"step_ms": round(a["step_ms"] / b["step_ms"], 3),
+                           "tokens_per_s": round(a["tokens_per_s"] / b["tokens_per_s"], 3)}
+    if args.compile_latency:
+        report["compile_latency"] = compile_latency(preset, args.set, args.device)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"device: {results[0]['device']}  torch {results[0]['torch']}  steps: {args.steps} (median)")
+    print(f"{'preset':<22} {'step ms':>10} {'tokens/s':>12} {'MFU':>7} {'peak MiB':>10} {'compile s':>9}")
+    for r in results:
+        print(_row(r))
+    if args.vs:
+        print(f"ratio {preset}/{args.vs}: step time {report['ratio']['step_ms']:.3f}×, "
+              f"tokens/s {report['ratio']['tokens_per_s']:.3f}×")
+    if args.compile_latency:
+        c = report["compile_latency"]
+        print(f"compile: cold {c['cold_compile_s']:.1f}s, warm (cache reused) {c['warm_compile_s']:.1f}s")
+    return 0

@@ -1,0 +1,182 @@
+"""Checkpoints that resume a run exactly and can be written at any moment without risk.
+
+Layout of `RUN_DIR/checkpoints/step_NNNNNN/`:
+  model.safetensors     weights (rank 0; every rank holds the same weights)
+  rank_RRRRR.pt         per rank: optimizer states and RNG states, tensors only
+  state.json            step, clock, loader position, world size
+  config.toml           the fully resolved config
+A checkpoint is built in a hidden `.tmp-*` directory and renamed into place when complete, so a
+kill at any moment leaves only whole checkpoints under final names. Nothing is loaded with pickle
+code execution: safetensors for weights, `torch.load(weights_only=True)` for the rest.
+
+Sharded optimizer state (Muon's momentum lives on the rank that orthogonalises that matrix) is
+saved per rank; on load every rank reads every rank's file and keeps what it owns, so a run can
+resume on a different number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tomllib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from speedrun.config import Config, from_dict, to_toml
+from speedrun.distributed import Runtime, barrier
+from speedrun.errors import DataError, UsageError
+
+PREFIX = "step_"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Atomically replace `path` with `obj` as JSON."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file())
+
+
+def find_resume(run_dir: Path, resume: str) -> Path | None:
+    """`auto`: the newest checkpoint under run_dir, or None for a fresh start. Otherwise a checkpoint
+    directory, or a run directory whose newest checkpoint is used."""
+    if resume == "auto":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if (path / "state.json").is_file():
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise UsageError(f"--resume {resume}: no checkpoint there (expected a run directory with checkpoints/{PREFIX}* "
+                         f"or a checkpoint directory with state.json)")
+    return found[-1]
+
+
+def read_config(ckpt: Path) -> Config:
+    return from_dict(tomllib.loads((ckpt / "config.toml").read_text()), str(ckpt / "config.toml"))
+
+
+def _owned_state(opt: torch.optim.Optimizer) -> dict:
+    state = opt.state_dict()
+    owns = getattr(opt, "owns", None)
+    if owns is not None:  # sharded optimizer: keep only the entries this rank is responsible for
+        params = [p for g in opt.param_groups for p in g["params"]]
+        state["state"] = {i: s for i, s in state["state"].items() if owns(params[i])}
+    return state
+
+
+def save(run_dir: Path, model: torch.nn.Module, optimizers: list, state: dict, cfg: Config, rt: Runtime,
+         keep: int) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    name = f"{PREFIX}{state['step']:06d}"
+    tmp = root / f".tmp-{name}"
+    if rt.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    rank_file = tmp / f"rank_{rt.rank:05d}.pt"
+    payload = {"optimizers": [_owned_state(o) for o in optimizers], "rng_cpu": torch.get_rng_state()}
+    if rt.device.type == "cuda":
+        payload["rng_cuda"] = torch.cuda.get_rng_state(rt.device)
+    torch.save(payload, rank_file)
+    _fsync_file(rank_file)
+    if rt.is_main:
+        save_model(model, str(tmp / "model.safetensors"))
+        _fsync_file(tmp / "model.safetensors")
+        (tmp / "config.toml").write_text(to_toml(cfg))
+        _fsync_file(tmp / "config.toml")
+        write_json(tmp / "state.json", {**state, "world_size": rt.world_size})
+    barrier()
+    final = root / name
+    if rt.is_main:
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load(ckpt: Path, model: torch.nn.Module, optimizers: list, rt: Runtime) -> dict:
+    """Restore weights, optimizer and RNG states in place; return the trainer state (step, clock,
+    loader position)."""
+    state = json.loads((ckpt / "state.json").read_text())
+    try:
+        load_model(model, str(ckpt / "model.safetensors"), strict=True)
+    except Exception as e:  # safetensors raises several types; all mean the same thing here
+        raise DataError(f"{ckpt / 'model.safetensors'}: cannot load weights ({_first_line(e)})") from None
+    rank_files = sorted(ckpt.glob("rank_*.pt"))
+    if len(rank_files) != state["world_size"]:
+        raise DataError(f"{ckpt}: expected {state['world_size']} rank files, found {len(rank_files)}")
+    payloads = [_load_tensors(f, rt.device) for f in rank_files]
+    for i, opt in enumerate(optimizers):
+        merged = payloads[0]["optimizers"][i]
+        for other in payloads[1:]:
+            merged["state"].update(other["optimizers"][i]["state"])
+        opt.load_state_dict(merged)
+        owns = getattr(opt, "owns", None)
+        if owns is not None:  # drop what another rank now owns, so it is neither used nor saved stale
+            for p in [p for g in opt.param_groups for p in g["params"]]:
+                if not owns(p):
+                    opt.state.pop(p, None)
+    own = payloads[rt.rank] if rt.rank < len(payloads) else payloads[0]
+    torch.set_rng_state(own["rng_cpu"].cpu())
+    if rt.device.type == "cuda" and "rng_cuda" in own:
+        torch.cuda.set_rng_state(own["rng_cuda"].cpu(), rt.device)
+    return state
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _load_tensors(path: Path, device: torch.device) -> dict:
+    """weights_only refuses any pickle that would construct arbitrary objects or call functions."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise DataError(f"{path}: not a loadable checkpoint file; refused to unpickle it ({_first_line(e)})") from None
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Forget what a killed run logged after its last checkpoint, so the resumed run's lines follow on
+    exactly. The validation at the checkpoint's step runs again after resuming, so drop it too."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and (json.loads(line)["step"] < step or
+                                 (json.loads(line)["step"] == step and "val_loss" not in json.loads(line)))]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)

@@ -1,0 +1,98 @@
+"""Process-group set-up from torchrun's environment and gradient averaging that overlaps backward."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from speedrun.errors import UsageError
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(preference: str, local_rank: int = 0) -> torch.device:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def setup(device_preference: str) -> Runtime:
+    """One process per device under torchrun (RANK/WORLD_SIZE/LOCAL_RANK), or a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_preference, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
+    return Runtime(rank, world_size, local_rank, device)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_parameters(module: torch.nn.Module) -> None:
+    """Every rank starts from rank 0's weights, whatever its RNG did."""
+    if dist.is_initialized():
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
+class GradientAverager:
+    """Averages gradients across ranks. On the last micro-step of an optimizer step each parameter's
+    all-reduce is launched from its post-accumulate hook, so communication overlaps the rest of
+    backward; `wait()` joins them before the optimizer step."""
+
+    def __init__(self, params: list[torch.nn.Parameter], world_size: int):
+        self.world_size = world_size
+        self.sync = False
+        self.handles: list[tuple[torch.Tensor, dist.Work]] = []
+        if world_size > 1:
+            for p in params:
+                p.register_post_accumulate_grad_hook(self._launch)
+
+    def _launch(self, p: torch.Tensor) -> None:
+        if self.sync:
+            self.handles.append((p.grad, dist.all_reduce(p.grad, async_op=True)))
+
+    def wait(self) -> None:
+        for grad, handle in self.handles:
+            handle.wait()
+            grad.div_(self.world_size)  # gloo has no AVG reduction; SUM then divide on every backend
+        self.handles.clear()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return values
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

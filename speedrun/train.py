@@ -1,0 +1,316 @@
+"""`speedrun train`: the training loop. Timing counts optimizer steps only: compile warm-up runs on
+untimed steps whose effects are then undone, and validation pauses the clock."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from speedrun import checkpoint
+from speedrun.attention import window_tokens
+from speedrun.config import Config, grad_accum_steps, load_config, scale_steps, to_toml
+from speedrun.distributed import GradientAverager, Runtime, all_reduce_sum, barrier, broadcast_parameters, setup, teardown
+from speedrun.errors import SpeedrunError, UsageError
+from speedrun.model import GPT
+from speedrun.optim import apply_schedule, build_optimizers, lr_multiplier
+from speedrun.runlog import RunLog, peak_flops
+
+
+class TrainingDiverged(SpeedrunError):
+    pass
+
+
+def default_preset() -> str:
+    return "gpt2-speedrun" if torch.cuda.is_available() else "tiny"
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    preset = args.preset
+    if preset is None and args.config is None:
+        preset = default_preset()
+        print(f"speedrun train: no --preset given; using '{preset}' "
+              f"({'a CUDA device is present' if preset != 'tiny' else 'no CUDA device'})", file=sys.stderr)
+    cfg = load_config(preset, args.config, args.set or [])
+    if args.data is not None:
+        cfg.data.dir = str(args.data)
+    if args.device is not None:
+        cfg.train.device = args.device
+    if args.compile is not None:
+        cfg.train.compile = args.compile
+    if args.seed is not None:
+        cfg.train.seed = args.seed
+    if args.steps is not None:
+        scale_steps(cfg, args.steps)
+    if args.val_every is not None:
+        cfg.train.val_every = args.val_every
+    if args.save_every is not None:
+        cfg.train.save_every = args.save_every
+    if args.keep is not None:
+        cfg.train.keep = args.keep
+    return cfg
+
+
+def _run_dir(out: str | None, rt: Runtime) -> Path:
+    name = [out or f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
+    if rt.distributed:
+        dist.broadcast_object_list(name, src=0)  # ranks' clocks may disagree on the timestamp
+    return Path(name[0])
+
+
+def _data_files(cfg: Config):
+    from speedrun.data.corpus import builtin_corpus_dir
+    from speedrun.data.loader import find_shards
+
+    data_dir = Path(cfg.data.dir) if cfg.data.dir else builtin_corpus_dir()
+    return data_dir, *find_shards(data_dir, cfg.data.train_pattern, cfg.data.val_pattern)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, rt: Runtime, run_dir: Path):
+        from speedrun.data.loader import TrainLoader
+
+        self.cfg, self.rt, self.run_dir = cfg, rt, run_dir
+        self.device = rt.device
+        torch.manual_seed(cfg.train.seed)
+        self.data_dir, train_files, self.val_files = _data_files(cfg)
+        self.model = GPT(cfg.model).to(self.device)
+        if self.device.type == "cuda" and cfg.model.bf16_embeddings:
+            for m in self.model.modules():
+                if isinstance(m, torch.nn.Embedding):
+                    m.bfloat16()
+        broadcast_parameters(self.model)
+        self.optimizers = build_optimizers(self.model.param_groups(), cfg.optim, fused=self.device.type == "cuda")
+        self.grads = GradientAverager(list(self.model.parameters()), rt.world_size)
+        self.forward = torch.compile(self.model, dynamic=False) if cfg.train.compile else self.model
+        self.accum = grad_accum_steps(cfg, rt.world_size)
+        self.loader = TrainLoader(train_files, seq_len=cfg.data.seq_len, micro_batch_seqs=cfg.data.micro_batch_seqs,
+                                  batch_tokens=cfg.data.batch_tokens, rank=rt.rank, world_size=rt.world_size,
+                                  bos_aligned=cfg.data.bos_aligned, device=self.device, seed=cfg.train.seed)
+        self.step = 0
+        self.train_time_ms = 0.0
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext())
+
+    # -- state that checkpoints carry -------------------------------------------------------------
+    def state(self) -> dict:
+        return {"step": self.step, "train_time_ms": self.train_time_ms, "loader": self.loader.state_dict()}
+
+    def load_state(self, state: dict) -> None:
+        self.step = state["step"]
+        self.train_time_ms = state["train_time_ms"]
+        self.loader.load_state_dict(state["loader"])
+
+    def _window(self, step: int) -> torch.Tensor:
+        # A tensor, not an int, so that a compiled model does not recompile as the window grows.
+        return torch.tensor(window_tokens(step, self.cfg.train.steps, self.cfg.model), dtype=torch.int32, device=self.device)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # -- one optimizer step ---------------------------------------------------------------------
+    def train_step(self, step: int) -> float:
+        window = self._window(step)
+        total = torch.zeros((), device=self.device)
+        for i, (inputs, targets) in enumerate(self.loader.next_batch()):
+            self.grads.sync = i == self.accum - 1
+            with self.autocast:
+                loss = self.forward(inputs, targets, window_tokens=window)
+            (loss / self.accum).backward()
+            total += loss.detach()
+        self.grads.wait()
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        apply_schedule(self.optimizers, step, self.cfg.train.steps, self.cfg.optim)
+        for opt in self.optimizers:
+            opt.step()
+        self.model.zero_grad(set_to_none=True)
+        return (all_reduce_sum(total) / (self.accum * self.rt.world_size)).item()
+
+    @torch.no_grad()
+    def validate(self, step: int) -> float:
+        from speedrun.data.loader import val_batches
+
+        self.model.eval()
+        window = self._window(step)
+        sums = torch.zeros(2, device=self.device, dtype=torch.float64)
+        for inputs, targets in val_batches(self.val_files, val_tokens=self.cfg.data.val_tokens,
+                                           seq_len=self.cfg.data.val_seq_len, rank=self.rt.rank,
+                                           world_size=self.rt.world_size, device=self.device):
+            with self.autocast:
+                loss = self.forward(inputs, targets, window_tokens=window)
+            sums[0] += loss.double() * targets.numel()
+            sums[1] += targets.numel()
+        all_reduce_sum(sums)
+        self.model.train()
+        return (sums[0] / sums[1]).item()
+
+    def warm_up(self, steps: int) -> float:
+        """Run `steps` real steps to trigger compilation and allocator growth, then put model,
+        optimizers and loader back as they were."""
+        if steps <= 0:
+            return 0.0
+        snapshot = (copy.deepcopy(self.model.state_dict()), [copy.deepcopy(o.state_dict()) for o in self.optimizers],
+                    self.loader.state_dict())
+        t0 = time.perf_counter()
+        for i in range(steps):
+            self.train_step(self.step + i)
+        self._sync()
+        seconds = time.perf_counter() - t0
+        self.model.load_state_dict(snapshot[0])
+        for opt, state in zip(self.optimizers, snapshot[1]):
+            opt.load_state_dict(state)
+        self.loader.load_state_dict(snapshot[2])
+        return seconds
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run(cfg: Config, out: str | None = None, resume: str | None = None, label: str = "") -> dict:
+    rt = setup(cfg.train.device)
+    try:
+        return _run(cfg, rt, out, resume, label)
+    finally:
+        teardown()
+
+
+def _run(cfg: Config, rt: Runtime, out: str | None, resume: str | None, label: str) -> dict:
+    run_dir = _run_dir(out, rt)
+    resume_from = checkpoint.find_resume(run_dir, resume) if resume else None
+    if resume_from is not None:
+        cfg = checkpoint.read_config(resume_from)
+    trainer = Trainer(cfg, rt, run_dir)
+    steps = cfg.train.steps
+    if resume_from is not None:
+        trainer.load_state(checkpoint.load(resume_from, trainer.model, trainer.optimizers, rt))
+    log = RunLog(run_dir if rt.is_main else None, append=resume_from is not None)
+    if rt.is_main:
+        if not (run_dir / "config.toml").exists():
+            (run_dir / "config.toml").write_text(to_toml(cfg))
+        if resume_from is not None:
+            checkpoint.truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
+        log.header(rt.device, rt.world_size, [
+            f"config: {label or 'custom'}  data: {trainer.data_dir}",
+            f"parameters: {sum(p.numel() for p in trainer.model.parameters()):,}  grad_accum: {trainer.accum}  "
+            f"tokens/step: {cfg.data.batch_tokens:,}  fp8 head: {trainer.model.use_fp8}  compile: {cfg.train.compile}",
+            *( [f"resumed from {resume_from} at step {trainer.step}"] if resume_from else []),
+        ])
+    try:
+        warm = trainer.warm_up(min(cfg.train.warmup_steps_untimed, steps))
+    except torch.OutOfMemoryError:
+        raise SpeedrunError(
+            f"out of memory at start-up with config '{label or 'custom'}': each device holds "
+            f"{cfg.data.micro_batch_seqs} sequence(s) of {cfg.data.seq_len} tokens per micro-step; lower it with "
+            f"--set data.micro_batch_seqs=N or --set data.seq_len=N (grad accumulation keeps the global batch)") from None
+    log.line(f"warm-up: {min(cfg.train.warmup_steps_untimed, steps)} untimed steps in {warm:.1f}s (compile included)", echo=False)
+
+    peak = peak_flops(rt.device)
+    flops_per_token = trainer.model.flops_per_token(cfg.data.seq_len)
+    progress = None
+    if rt.is_main and sys.stderr.isatty():
+        from tqdm import tqdm
+        progress = tqdm(total=steps, initial=trainer.step, unit="step", dynamic_ncols=True)
+    tokens_per_step = cfg.data.batch_tokens
+    val_loss = float("nan")
+    start_step = trainer.step
+    trainer._sync()
+    t0 = time.perf_counter()
+    for step in range(start_step, steps + 1):
+        last = step == steps
+        if last or (cfg.train.val_every > 0 and step % cfg.train.val_every == 0):
+            trainer._sync()
+            trainer.train_time_ms += 1000 * (time.perf_counter() - t0)
+            val_loss = trainer.validate(step)
+            avg = trainer.train_time_ms / max(step, 1)
+            log.line(f"step:{step}/{steps} val_loss:{val_loss:.4f} train_time:{trainer.train_time_ms:.0f}ms step_avg:{avg:.2f}ms",
+                     echo=progress is None and rt.is_main)
+            log.metrics({"step": step, "tokens": step * tokens_per_step, "train_time_ms": round(trainer.train_time_ms, 3),
+                         "val_loss": val_loss})
+            if progress is not None:
+                progress.set_postfix(val_loss=f"{val_loss:.4f}")
+            trainer._sync()
+            t0 = time.perf_counter()
+        if last:
+            break
+        train_loss = trainer.train_step(step)
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(f"training loss became {train_loss} at step {step + 1}; the last good checkpoint "
+                                   f"(if any) is kept in {run_dir / 'checkpoints'}")
+        trainer.step = step + 1
+        trainer._sync()
+        now_ms = trainer.train_time_ms + 1000 * (time.perf_counter() - t0)
+        record = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, "train_time_ms": round(now_ms, 3),
+                  "train_loss": train_loss, "lr": lr_multiplier(step, steps, cfg.optim)}
+        tokens_per_s = (step + 1) * tokens_per_step / (now_ms / 1000) if now_ms > 0 else 0.0
+        record["tokens_per_s"] = round(tokens_per_s, 1)
+        if peak is not None:
+            record["mfu"] = round(flops_per_token * tokens_per_s / (peak * rt.world_size), 4)
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
+            log.metrics(record)
+            log.line(f"step:{step + 1}/{steps} train_time:{now_ms:.0f}ms step_avg:{now_ms / (step + 1):.2f}ms")
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{train_loss:.3f}")
+        if cfg.train.save_every > 0 and trainer.step % cfg.train.save_every == 0 and trainer.step < steps:
+            trainer._sync()
+            trainer.train_time_ms = now_ms
+            checkpoint.save(run_dir, trainer.model, trainer.optimizers, trainer.state(), cfg, rt, keep=cfg.train.keep)
+            t0 = time.perf_counter()
+    if progress is not None:
+        progress.close()
+    checkpoint.save(run_dir, trainer.model, trainer.optimizers, trainer.state(), cfg, rt, keep=cfg.train.keep)
+    summary = {"config": label or "custom", "final_val_loss": val_loss, "train_time_ms": round(trainer.train_time_ms, 3),
+               "steps": steps, "tokens": steps * tokens_per_step, "world_size": rt.world_size,
+               "peak_memory_mib": round(_peak_memory_mib(rt.device), 1), "warmup_s": round(warm, 2)}
+    if rt.is_main:
+        checkpoint.write_json(run_dir / "summary.json", summary)
+        log.line(f"peak memory: {summary['peak_memory_mib']:.0f} MiB")
+        log.line(f"final val_loss:{val_loss:.4f} train_time:{trainer.train_time_ms / 1000:.1f}s steps:{steps} "
+                 f"run dir: {run_dir}", echo=True)
+    log.close()
+    barrier()
+    return summary
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a GPT with a preset or config file",
+                       description="Train a GPT. With no arguments: preset 'tiny' on the built-in corpus on CPU, "
+                                   "'gpt2-speedrun' on FineWeb when CUDA is present. Run under torchrun for several "
+                                   "processes or nodes.")
+    p.add_argument("--preset", help="preset name (see `speedrun presets`)")
+    p.add_argument("--config", help="a TOML config file (may name its base preset with preset = \"...\")")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key, e.g. --set model.n_layer=4 (repeatable)")
+    p.add_argument("--data", help="directory of .bin shards (default: the preset's data.dir; empty means the built-in corpus)")
+    p.add_argument("--out", help="run directory (default runs/<timestamp>)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=int, help="number of optimizer steps; every schedule is scaled to it")
+    p.add_argument("--val-every", type=int, help="validate every N steps (0: only at the end)")
+    p.add_argument("--save-every", type=int, help="checkpoint every N steps (a checkpoint is always written at the end)")
+    p.add_argument("--keep", type=int, help="keep the last N checkpoints")
+    p.add_argument("--resume", metavar="DIR|auto", help="continue from a run or checkpoint directory; 'auto': the "
+                                                        "latest checkpoint in --out, or a fresh start if there is none")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = resolve_config(args)
+    if args.resume == "auto" and not args.out:
+        raise UsageError("--resume auto needs --out DIR (the run directory to look in)")
+    label = args.preset or args.config or default_preset()
+    summary = run(cfg, args.out, args.resume, label)
+    return 0 if math.isfinite(summary["final_val_loss"]) else 1

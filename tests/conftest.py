@@ -1,0 +1,44 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# A tiny-preset run shrunk so that a 20-step run takes seconds on 2 cores: the model is the tiny
+# preset's, only the batch and validation set are smaller.
+SMALL_RUN = ["--set", "data.seq_len=256", "--set", "data.micro_batch_seqs=2", "--set", "data.batch_tokens=1024",
+             "--set", "data.val_tokens=4096", "--set", "data.val_seq_len=512", "--set", "model.window_max=256"]
+
+
+def speedrun_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "speedrun", *args]
+
+
+def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    r = subprocess.run(speedrun_cmd(*args), capture_output=True, text=True, env={**os.environ, **(env or {})},
+                       timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"speedrun {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict:
+    """step -> (train_loss or val_loss) for every record."""
+    return {(r["step"], "val" if "val_loss" in r else "train"): r.get("val_loss", r.get("train_loss"))
+            for r in read_metrics(run_dir)}
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
