@@ -13,6 +13,8 @@ from speedrun.errors import SpeedrunError
 COMMAND_MODULES = [
     "speedrun.train",
     "speedrun.data.cli",
+    "speedrun.bench",
+    "speedrun.analysis",
 ]
 
 

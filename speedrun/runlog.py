@@ -36,14 +36,25 @@ def device_description(device: torch.device) -> str:
 
 
 class RunLog:
-    def __init__(self, out_dir: Path | None, *, append: bool = False):
+    """`tensorboard` and `wandb` mirror every metrics.jsonl record to those tools (scalars keyed by
+    the record's field names, x = step)."""
+
+    def __init__(self, out_dir: Path | None, *, append: bool = False, tensorboard: bool = False,
+                 wandb: bool = False, config: dict | None = None):
         self.out_dir = out_dir
-        self._log = self._metrics = None
-        if out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            mode = "a" if append else "w"
-            self._log = open(out_dir / "log.txt", mode, buffering=1)
-            self._metrics = open(out_dir / "metrics.jsonl", mode, buffering=1)
+        self._log = self._metrics = self._tb = self._wandb = None
+        if out_dir is None:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        mode = "a" if append else "w"
+        self._log = open(out_dir / "log.txt", mode, buffering=1)
+        self._metrics = open(out_dir / "metrics.jsonl", mode, buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+            self._tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+        if wandb:
+            self._wandb = _start_wandb(out_dir, config or {})
 
     def header(self, device: torch.device, world_size: int, extra: list[str]) -> None:
         self.line(f"python {sys.version.split()[0]}  torch {torch.__version__}  cuda {torch.version.cuda}")
@@ -58,13 +69,40 @@ class RunLog:
             print(text, flush=True)
 
     def metrics(self, record: dict) -> None:
-        if self._metrics is not None:
-            self._metrics.write(json.dumps(record) + "\n")
+        if self._metrics is None:
+            return
+        self._metrics.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, global_step=record["step"])
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=record["step"])
 
     def close(self) -> None:
         for f in (self._log, self._metrics):
             if f is not None:
                 f.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _start_wandb(out_dir: Path, config: dict):
+    import os
+
+    try:
+        import wandb
+    except ImportError:
+        from speedrun.errors import UsageError
+
+        raise UsageError("--wandb needs the wandb package: pip install 'speedrun[wandb]'") from None
+    # Without credentials or network, log offline into the run directory; `wandb sync` uploads later.
+    if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
+        os.environ["WANDB_MODE"] = "offline"
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "speedrun"), name=out_dir.name, dir=str(out_dir),
+                      config=config)
 
 
 def read_metrics(path: Path) -> list[dict]:

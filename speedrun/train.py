@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from speedrun import checkpoint
 from speedrun.attention import window_tokens
-from speedrun.config import Config, grad_accum_steps, load_config, scale_steps, to_toml
+from speedrun.config import Config, grad_accum_steps, load_config, scale_steps, to_dict, to_toml
 from speedrun.distributed import GradientAverager, Runtime, all_reduce_sum, barrier, broadcast_parameters, setup, teardown
 from speedrun.errors import SpeedrunError, UsageError
 from speedrun.model import GPT
@@ -179,15 +179,17 @@ def _peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run(cfg: Config, out: str | None = None, resume: str | None = None, label: str = "") -> dict:
+def run(cfg: Config, out: str | None = None, resume: str | None = None, label: str = "", *,
+        tensorboard: bool = False, wandb: bool = False) -> dict:
     rt = setup(cfg.train.device)
     try:
-        return _run(cfg, rt, out, resume, label)
+        return _run(cfg, rt, out, resume, label, tensorboard, wandb)
     finally:
         teardown()
 
 
-def _run(cfg: Config, rt: Runtime, out: str | None, resume: str | None, label: str) -> dict:
+def _run(cfg: Config, rt: Runtime, out: str | None, resume: str | None, label: str, tensorboard: bool,
+         wandb: bool) -> dict:
     run_dir = _run_dir(out, rt)
     resume_from = checkpoint.find_resume(run_dir, resume) if resume else None
     if resume_from is not None:
@@ -196,7 +198,8 @@ def _run(cfg: Config, rt: Runtime, out: str | None, resume: str | None, label: s
     steps = cfg.train.steps
     if resume_from is not None:
         trainer.load_state(checkpoint.load(resume_from, trainer.model, trainer.optimizers, rt))
-    log = RunLog(run_dir if rt.is_main else None, append=resume_from is not None)
+    log = RunLog(run_dir if rt.is_main else None, append=resume_from is not None, tensorboard=tensorboard,
+                 wandb=wandb, config=to_dict(cfg))
     if rt.is_main:
         if not (run_dir / "config.toml").exists():
             (run_dir / "config.toml").write_text(to_toml(cfg))
@@ -304,6 +307,8 @@ def register(sub) -> None:
     p.add_argument("--keep", type=int, help="keep the last N checkpoints")
     p.add_argument("--resume", metavar="DIR|auto", help="continue from a run or checkpoint directory; 'auto': the "
                                                         "latest checkpoint in --out, or a fresh start if there is none")
+    p.add_argument("--tensorboard", action="store_true", help="also log metrics to RUN_DIR/tensorboard")
+    p.add_argument("--wandb", action="store_true", help="also log metrics to Weights & Biases (offline without credentials)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -312,5 +317,5 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume == "auto" and not args.out:
         raise UsageError("--resume auto needs --out DIR (the run directory to look in)")
     label = args.preset or args.config or default_preset()
-    summary = run(cfg, args.out, args.resume, label)
+    summary = run(cfg, args.out, args.resume, label, tensorboard=args.tensorboard, wandb=args.wandb)
     return 0 if math.isfinite(summary["final_val_loss"]) else 1
