@@ -1,0 +1,250 @@
+"""Distributed data loading from token shards.
+
+The train stream is cut into sequences of seq_len + 1 tokens (inputs, then the same tokens shifted
+by one as targets), shard by shard; a sequence never spans two shards. Step s's global batch is the
+next batch_tokens / seq_len sequences of that stream whatever the world size W: with accumulation A
+and micro-batches of B sequences, rank r's micro-step a takes the B sequences starting at
+(a·W + r)·B, so the union over ranks and micro-steps is the same global batch for every (W, A).
+
+Flat mode: sequence k of a shard starts at token offset + k·seq_len.
+BOS-aligned mode: a sequence starts at a document's <|endoftext|> and runs on for seq_len + 1
+tokens through as many documents as fit; the next sequence starts at the first document that begins
+at or after this one's last target token. So no token is an input twice, and the tail of the last
+document in each sequence (all of a document past seq_len tokens, for a long one) is skipped rather
+than continued in a sequence that would not start with BOS.
+
+Epoch 0 walks the shards in sorted order from offset 0, which reproduces the record's data order.
+When the shards run out the stream wraps around; each later epoch e walks the shards in an order
+and from a start offset below seq_len both drawn from (seed, e), so that a small corpus is not seen
+in the same windows every epoch."""
+
+from __future__ import annotations
+
+import mmap
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from speedrun.data import shards
+from speedrun.data.tokenizer import EOT
+from speedrun.errors import DataError, UsageError
+
+STATE_VERSION = 1
+
+
+def find_shards(data_dir: str | Path, train_pattern: str, val_pattern: str) -> tuple[list[Path], list[Path]]:
+    """The sorted train and val shard files in `data_dir`."""
+    folder = Path(data_dir)
+    if not folder.is_dir():
+        raise DataError(f"data folder {folder} does not exist" if not folder.exists() else f"{folder} is not a folder")
+    found = []
+    for kind, pattern in (("train", train_pattern), ("val", val_pattern)):
+        files = sorted(p for p in folder.glob(pattern) if p.is_file())
+        if not files:
+            raise DataError(f"no {kind} shards matching '{pattern}' in {folder}")
+        found.append(files)
+    return found[0], found[1]
+
+
+def _to_device(rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs int32, targets int64) from rows of seq_len + 1 tokens."""
+    if device.type == "cuda":
+        rows = rows.to(device, non_blocking=True)  # rows live in pinned memory: the copy runs asynchronously
+    return rows[:, :-1].contiguous(), rows[:, 1:].to(torch.int64)
+
+
+def _rows(device: torch.device, count: int, width: int) -> torch.Tensor:
+    return torch.empty((count, width), dtype=torch.int32, pin_memory=device.type == "cuda")
+
+
+@dataclass
+class _Shard:
+    tokens: np.ndarray
+    starts: np.ndarray  # start of every sequence this shard yields in its epoch
+
+
+class TrainLoader:
+    def __init__(self, files: list[str | Path], *, seq_len: int, micro_batch_seqs: int, batch_tokens: int,
+                 rank: int = 0, world_size: int = 1, bos_aligned: bool = False,
+                 device: torch.device | str | None = None, seed: int = 0):
+        if not files:
+            raise DataError("no train shards given")
+        if seq_len <= 0 or micro_batch_seqs <= 0 or batch_tokens <= 0:
+            raise UsageError(f"seq_len ({seq_len}), micro_batch_seqs ({micro_batch_seqs}) and batch_tokens "
+                             f"({batch_tokens}) must be positive")
+        if not 0 <= rank < world_size:
+            raise UsageError(f"rank {rank} is outside world size {world_size}")
+        per_micro = seq_len * micro_batch_seqs * world_size
+        if batch_tokens % per_micro:
+            raise UsageError(f"batch_tokens ({batch_tokens}) is not divisible by seq_len {seq_len} × micro_batch_seqs "
+                             f"{micro_batch_seqs} × world size {world_size}")
+        self.files = [Path(f) for f in files]
+        for f in self.files:
+            shards.read_header(f)
+        self.seq_len, self.micro_batch_seqs, self.batch_tokens = seq_len, micro_batch_seqs, batch_tokens
+        self.rank, self.world_size = rank, world_size
+        self.bos_aligned, self.seed = bos_aligned, seed
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.grad_accum = batch_tokens // per_micro
+        self.seqs_per_step = batch_tokens // seq_len
+        self._epoch, self._shard, self._seq, self._step = 0, 0, 0, 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speedrun-shards")
+        self._loaded: dict[tuple[int, int], Future] = {}
+        self._lock = threading.Lock()
+
+    # -- the stream -----------------------------------------------------------------------------
+
+    def _epoch_plan(self, epoch: int) -> tuple[list[int], int]:
+        if epoch == 0:
+            return list(range(len(self.files))), 0
+        rng = np.random.default_rng((self.seed, epoch))
+        return [int(i) for i in rng.permutation(len(self.files))], int(rng.integers(self.seq_len))
+
+    def _load(self, epoch: int, index: int) -> _Shard:
+        order, offset = self._epoch_plan(epoch)
+        tokens = shards.read_shard(self.files[order[index]])
+        width = self.seq_len + 1
+        if not self.bos_aligned:
+            if isinstance(tokens.base, mmap.mmap) and hasattr(mmap, "MADV_WILLNEED"):
+                tokens.base.madvise(mmap.MADV_WILLNEED)  # start reading the shard in before it is needed
+            return _Shard(tokens, np.arange(offset, tokens.size - self.seq_len, self.seq_len, dtype=np.int64))
+        bos = np.flatnonzero(tokens == EOT)
+        following = np.searchsorted(bos, bos + self.seq_len).tolist()
+        bos_list = bos.tolist()
+        starts = []
+        i = int(np.searchsorted(bos, offset))
+        while i < len(bos_list) and bos_list[i] + width <= tokens.size:
+            starts.append(bos_list[i])
+            i = following[i]
+        return _Shard(tokens, np.asarray(starts, dtype=np.int64))
+
+    def _next_position(self, epoch: int, index: int) -> tuple[int, int]:
+        return (epoch, index + 1) if index + 1 < len(self.files) else (epoch + 1, 0)
+
+    def _get(self, epoch: int, index: int) -> _Shard:
+        with self._lock:
+            key = (epoch, index)
+            wanted = {key, self._next_position(*key)}
+            for k in wanted:
+                if k not in self._loaded:
+                    self._loaded[k] = self._pool.submit(self._load, *k)
+            future = self._loaded[key]
+            for k in list(self._loaded):
+                if k not in wanted and k < key:
+                    del self._loaded[k]
+        return future.result()
+
+    def _take(self, count: int) -> list[tuple[np.ndarray, int]]:
+        """The next `count` sequences of the global stream, as (shard tokens, start)."""
+        taken: list[tuple[np.ndarray, int]] = []
+        empty_run = 0
+        while len(taken) < count:
+            shard = self._get(self._epoch, self._shard)
+            available = shard.starts.size - self._seq
+            if available <= 0:
+                empty_run = 0 if shard.starts.size else empty_run + 1
+                if empty_run > len(self.files):
+                    what = "starting at a document boundary " if self.bos_aligned else ""
+                    raise DataError(f"no train shard holds a sequence of {self.seq_len + 1} tokens {what}"
+                                    f"(first shard: {self.files[0]})")
+                self._epoch, self._shard = self._next_position(self._epoch, self._shard)
+                self._seq = 0
+                continue
+            n = min(available, count - len(taken))
+            taken.extend((shard.tokens, int(s)) for s in shard.starts[self._seq:self._seq + n])
+            self._seq += n
+        return taken
+
+    # -- public API -----------------------------------------------------------------------------
+
+    def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches for the next step: grad_accum pairs of (inputs, targets), each of
+        shape (micro_batch_seqs, seq_len), int32 inputs and int64 targets, on the loader's device."""
+        sequences = self._take(self.seqs_per_step)
+        self._step += 1
+        width, per = self.seq_len + 1, self.micro_batch_seqs
+        batches = []
+        for a in range(self.grad_accum):
+            first = (a * self.world_size + self.rank) * per
+            rows = _rows(self.device, per, width)
+            view = rows.numpy()
+            for i, (tokens, start) in enumerate(sequences[first:first + per]):
+                view[i] = tokens[start:start + width]
+            batches.append(_to_device(rows, self.device))
+        return batches
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    def state_dict(self) -> dict:
+        """The exact stream position, independent of rank and world size."""
+        return {"version": STATE_VERSION, "step": self._step, "epoch": self._epoch, "shard": self._shard,
+                "sequence": self._seq, "seed": self.seed, "seq_len": self.seq_len, "bos_aligned": self.bos_aligned,
+                "files": [f.name for f in self.files]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"data loader state has version {state.get('version')}, expected {STATE_VERSION}")
+        mine = self.state_dict()
+        for key in ("seed", "seq_len", "bos_aligned"):
+            if state[key] != mine[key]:
+                raise UsageError(f"cannot resume the data stream: it was saved with {key} = {state[key]}, "
+                                 f"this run has {mine[key]}")
+        if state["files"] != mine["files"]:
+            raise DataError(f"cannot resume the data stream: it was saved over {len(state['files'])} train shards "
+                            f"({state['files'][0]} ...), this run found {len(mine['files'])} ({mine['files'][0]} ...)")
+        self._step, self._epoch, self._shard, self._seq = (int(state[k]) for k in ("step", "epoch", "shard", "sequence"))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def val_batches(files: list[str | Path], *, val_tokens: int, seq_len: int, rank: int = 0, world_size: int = 1,
+                device: torch.device | str | None = None):
+    """This rank's share of the validation set: the first val_tokens tokens of the val shards (read as
+    one stream across shard boundaries; a remainder short of a whole sequence is left out), cut into
+    sequences of seq_len. Rank r takes sequences r, r + W, ...; yields (inputs, targets) of shape
+    (1, seq_len). The files are checked now, not on the first iteration."""
+    if seq_len <= 0 or val_tokens < seq_len:
+        raise UsageError(f"val_tokens ({val_tokens}) must hold at least one sequence of val_seq_len ({seq_len})")
+    if not 0 <= rank < world_size:
+        raise UsageError(f"rank {rank} is outside world size {world_size}")
+    if not files:
+        raise DataError("no val shards given")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    count = val_tokens // seq_len
+    needed = count * seq_len + 1
+    arrays = [shards.read_shard(f) for f in files]
+    held = sum(a.size for a in arrays)
+    if held < needed:
+        names = ", ".join(str(f) for f in files)
+        raise DataError(f"the val shards hold {held:,} tokens, fewer than the {needed:,} that val_tokens {val_tokens:,} "
+                        f"at seq_len {seq_len} needs: {names}")
+    bounds = np.cumsum([0] + [a.size for a in arrays])
+
+    def read(start: int, length: int, out: np.ndarray) -> None:
+        i = int(np.searchsorted(bounds, start, side="right")) - 1
+        filled = 0
+        while filled < length:
+            local = start + filled - int(bounds[i])
+            piece = arrays[i][local:local + length - filled]
+            out[filled:filled + piece.size] = piece
+            filled += piece.size
+            i += 1
+
+    def generate():
+        for k in range(rank, count, world_size):
+            rows = _rows(device, 1, seq_len + 1)
+            read(k * seq_len, seq_len + 1, rows.numpy()[0])
+            yield _to_device(rows, device)
+
+    return generate()

@@ -1,0 +1,188 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from speedrun.data import shards
+from speedrun.data.loader import TrainLoader, find_shards, val_batches
+from speedrun.data.tokenizer import EOT
+from speedrun.errors import DataError, UsageError
+
+SEQ = 16
+BATCH = SEQ * 8  # 8 sequences per step
+LAYOUTS = [(1, 8), (1, 1), (1, 2), (2, 1), (2, 4), (4, 1), (4, 2), (8, 1)]  # (world size, micro-batch sequences)
+
+
+def make_stream(rng, n: int) -> np.ndarray:
+    """Tokens < 1000 in documents of 1 to 24 tokens, each starting with EOT."""
+    tokens = rng.integers(0, 1000, n).astype(np.uint16)
+    pos = 0
+    while pos < n:
+        tokens[pos] = EOT
+        pos += int(rng.integers(1, 25))
+    return tokens
+
+
+@pytest.fixture
+def train_files(tmp_path):
+    rng = np.random.default_rng(7)
+    files = []
+    for i, n in enumerate([200, 130, 301]):
+        files.append(shards.write_shard(tmp_path / f"x_train_{i:06d}.bin", make_stream(rng, n)))
+    return files
+
+
+def loaders(files, world_size, micro, **kw):
+    return [TrainLoader(files, seq_len=SEQ, micro_batch_seqs=micro, batch_tokens=BATCH, rank=r, world_size=world_size, **kw)
+            for r in range(world_size)]
+
+
+def rows(inputs, targets):
+    """The seq_len + 1 tokens each (inputs, targets) pair was cut from."""
+    assert torch.equal(inputs[:, 1:], targets[:, :-1].to(torch.int32))
+    return torch.cat([inputs, targets[:, -1:].to(torch.int32)], dim=1)
+
+
+def global_batches(group, steps):
+    """Per step, every sequence the ranks of `group` saw, ordered by (micro-step, rank)."""
+    out = []
+    for _ in range(steps):
+        per_rank = [loader.next_batch() for loader in group]
+        ordered = [rows(*per_rank[r][a]) for a in range(len(per_rank[0])) for r in range(len(group))]
+        out.append(torch.cat(ordered))
+    return out
+
+
+@pytest.mark.parametrize("bos_aligned", [False, True])
+def test_global_batch_is_the_same_for_any_world_size_and_accumulation(train_files, bos_aligned):
+    steps = 14  # several epochs of this small stream
+    reference = global_batches(loaders(train_files, 1, 8, bos_aligned=bos_aligned, seed=3), steps)
+    assert all(b.shape == (8, SEQ + 1) for b in reference)
+    for world_size, micro in LAYOUTS[1:]:
+        group = loaders(train_files, world_size, micro, bos_aligned=bos_aligned, seed=3)
+        assert group[0].grad_accum == 8 // (world_size * micro)
+        got = global_batches(group, steps)
+        assert all(torch.equal(a, b) for a, b in zip(reference, got)), (world_size, micro)
+    assert group[0].epoch >= 2
+
+
+def test_flat_mode_walks_windows_in_order_like_the_record(train_files):
+    (loader,) = loaders(train_files, 1, 8)
+    first = shards.read_shard(train_files[0]).astype(np.int32)
+    batch = global_batches([loader], 1)[0].numpy()
+    for k in range(8):
+        assert np.array_equal(batch[k], first[k * SEQ:k * SEQ + SEQ + 1])
+    # shard 0 holds 12 windows of 17 tokens (200 tokens); the 13th sequence is shard 1's first window
+    batch = global_batches([loader], 1)[0].numpy()
+    assert np.array_equal(batch[3], first[11 * SEQ:12 * SEQ + 1])
+    assert np.array_equal(batch[4], shards.read_shard(train_files[1])[:SEQ + 1])
+
+
+def test_bos_aligned_sequences_start_at_documents(train_files):
+    (loader,) = loaders(train_files, 1, 2, bos_aligned=True)
+    streams = [np.asarray(shards.read_shard(f), dtype=np.int32) for f in train_files]
+    seen = 0
+    for _ in range(10):
+        for inputs, targets in loader.next_batch():
+            assert inputs.dtype == torch.int32 and targets.dtype == torch.int64
+            assert bool((inputs[:, 0] == EOT).all())
+            for row in rows(inputs, targets).numpy():
+                assert any(np.array_equal(s[i:i + SEQ + 1], row) for s in streams for i in np.flatnonzero(s == EOT))
+                seen += 1
+    assert seen == 80
+
+
+def test_bos_aligned_rule_skips_to_the_next_document_after_the_last_target(train_files):
+    (loader,) = loaders(train_files, 1, 8, bos_aligned=True)
+    stream = np.asarray(shards.read_shard(train_files[0]))
+    bos = np.flatnonzero(stream == EOT)
+    expected, start = [], bos[0]
+    while start + SEQ + 1 <= stream.size:
+        expected.append(start)
+        later = bos[bos >= start + SEQ]
+        if not later.size:
+            break
+        start = later[0]
+    batch = global_batches([loader], 1)[0].numpy()
+    for k, s in enumerate(expected[:8]):
+        assert np.array_equal(batch[k], stream[s:s + SEQ + 1])
+
+
+@pytest.mark.parametrize("bos_aligned", [False, True])
+def test_state_restores_the_exact_position_even_under_another_world_size(train_files, bos_aligned):
+    (original,) = loaders(train_files, 1, 8, bos_aligned=bos_aligned, seed=5)
+    global_batches([original], 6)
+    state = json.loads(json.dumps(original.state_dict()))
+    assert state["step"] == 6 and state["epoch"] == original.epoch >= 1
+    expected = global_batches([original], 6)
+
+    for world_size, micro in [(1, 8), (2, 2), (4, 1)]:
+        resumed = loaders(train_files, world_size, micro, bos_aligned=bos_aligned, seed=5)
+        for loader in resumed:
+            loader.load_state_dict(state)
+        assert all(torch.equal(a, b) for a, b in zip(expected, global_batches(resumed, 6)))
+
+
+def test_later_epochs_depend_on_the_seed_and_the_first_does_not(train_files):
+    a = global_batches(loaders(train_files, 1, 8, seed=1), 12)
+    b = global_batches(loaders(train_files, 1, 8, seed=2), 12)
+    c = global_batches(loaders(train_files, 1, 8, seed=1), 12)
+    assert torch.equal(a[0], b[0])  # epoch 0 is the record's order for every seed
+    assert not all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_state_from_another_setup_is_refused(train_files):
+    (loader,) = loaders(train_files, 1, 8, seed=1)
+    state = loader.state_dict()
+    with pytest.raises(UsageError, match="seed"):
+        loaders(train_files, 1, 8, seed=2)[0].load_state_dict(state)
+    with pytest.raises(DataError, match="train shards"):
+        loaders(train_files[:2], 1, 8, seed=1)[0].load_state_dict(state)
+
+
+def test_bad_layouts_and_too_short_shards(tmp_path, train_files):
+    with pytest.raises(UsageError, match="not divisible"):
+        TrainLoader(train_files, seq_len=SEQ, micro_batch_seqs=3, batch_tokens=BATCH)
+    short = shards.write_shard(tmp_path / "s_train_000000.bin", np.full(SEQ, EOT, dtype=np.uint16))
+    with pytest.raises(DataError, match="no train shard holds a sequence of 17 tokens"):
+        TrainLoader([short], seq_len=SEQ, micro_batch_seqs=1, batch_tokens=SEQ).next_batch()
+    no_docs = shards.write_shard(tmp_path / "n_train_000000.bin", np.ones(100, dtype=np.uint16))
+    with pytest.raises(DataError, match="document boundary"):
+        TrainLoader([no_docs], seq_len=SEQ, micro_batch_seqs=1, batch_tokens=SEQ, bos_aligned=True).next_batch()
+
+
+@pytest.fixture
+def val_files(tmp_path):
+    rng = np.random.default_rng(1)
+    return [shards.write_shard(tmp_path / f"x_val_{i:06d}.bin", make_stream(rng, n)) for i, n in enumerate([50, 45, 40])]
+
+
+def test_val_set_is_the_same_for_any_world_size(val_files):
+    stream = np.concatenate([shards.read_shard(f) for f in val_files]).astype(np.int32)
+    val_tokens = 7 * SEQ + 5  # the remainder short of a whole sequence is left out
+    reference = [stream[k * SEQ:k * SEQ + SEQ + 1] for k in range(7)]
+    for world_size in (1, 2, 3, 4, 8):
+        got = {}
+        for rank in range(world_size):
+            batches = list(val_batches(val_files, val_tokens=val_tokens, seq_len=SEQ, rank=rank, world_size=world_size))
+            for j, (inputs, targets) in enumerate(batches):
+                assert inputs.shape == targets.shape == (1, SEQ)
+                got[rank + j * world_size] = rows(inputs, targets)[0].numpy()
+        assert sorted(got) == list(range(7))
+        assert all(np.array_equal(got[k], reference[k]) for k in range(7))
+
+
+def test_val_set_larger_than_the_shards_is_refused(val_files):
+    with pytest.raises(DataError, match=r"hold 135 tokens.*x_val_000000\.bin"):
+        val_batches(val_files, val_tokens=9 * SEQ, seq_len=SEQ)
+
+
+def test_find_shards(tmp_path, train_files, val_files):
+    train, val = find_shards(tmp_path, "*_train_*.bin", "*_val_*.bin")
+    assert train == sorted(train_files) and val == sorted(val_files)
+    with pytest.raises(DataError, match=r"no val shards matching 'nope_\*' in"):
+        find_shards(tmp_path, "*_train_*.bin", "nope_*")
+    with pytest.raises(DataError, match="does not exist"):
+        find_shards(tmp_path / "missing", "*", "*")
