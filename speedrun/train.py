@@ -279,6 +279,9 @@ def _run(cfg: Config, rt: Runtime, out: str | None, resume: str | None, label: s
                "steps": steps, "tokens": steps * tokens_per_step, "world_size": rt.world_size,
                "peak_memory_mib": round(_peak_memory_mib(rt.device), 1), "warmup_s": round(warm, 2)}
     if rt.is_main:
+        from speedrun.data.loader import val_fingerprint
+
+        summary["val_set"] = val_fingerprint(trainer.val_files, val_tokens=cfg.data.val_tokens, seq_len=cfg.data.val_seq_len)
         checkpoint.write_json(run_dir / "summary.json", summary)
         log.line(f"peak memory: {summary['peak_memory_mib']:.0f} MiB")
         log.line(f"final val_loss:{val_loss:.4f} train_time:{trainer.train_time_ms / 1000:.1f}s steps:{steps} "

@@ -248,3 +248,19 @@ def val_batches(files: list[str | Path], *, val_tokens: int, seq_len: int, rank:
             yield _to_device(rows, device)
 
     return generate()
+
+
+def val_fingerprint(files: list[str | Path], *, val_tokens: int, seq_len: int) -> dict:
+    """Identifies the exact validation tokens, so that runs validated on different data are never
+    compared as if they were repeats (`speedrun record`)."""
+    import hashlib
+
+    needed = (val_tokens // seq_len) * seq_len + 1
+    digest = hashlib.sha256()
+    for f in files:
+        piece = shards.read_shard(f)[:needed]
+        digest.update(piece.tobytes())
+        needed -= piece.size
+        if needed <= 0:
+            break
+    return {"sha256": digest.hexdigest(), "tokens": (val_tokens // seq_len) * seq_len}
