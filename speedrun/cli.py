@@ -15,6 +15,9 @@ COMMAND_MODULES = [
     "speedrun.data.cli",
     "speedrun.bench",
     "speedrun.analysis",
+    "speedrun.sample",
+    "speedrun.evaluate",
+    "speedrun.export",
 ]
 
 

@@ -39,7 +39,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if preset is None and args.config is None:
         preset = default_preset()
         print(f"speedrun train: no --preset given; using '{preset}' "
-              f"({'a CUDA device is present' if preset != 'tiny' else 'no CUDA device'})", file=sys.stderr)
+              f"({'a CUDA device is present' if preset != 'tiny' else 'no CUDA device'})")
     cfg = load_config(preset, args.config, args.set or [])
     if args.data is not None:
         cfg.data.dir = str(args.data)
@@ -198,13 +198,13 @@ def _run(cfg: Config, rt: Runtime, out: str | None, resume: str | None, label: s
     steps = cfg.train.steps
     if resume_from is not None:
         trainer.load_state(checkpoint.load(resume_from, trainer.model, trainer.optimizers, rt))
+    if rt.is_main and resume_from is not None:
+        checkpoint.truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
     log = RunLog(run_dir if rt.is_main else None, append=resume_from is not None, tensorboard=tensorboard,
                  wandb=wandb, config=to_dict(cfg))
     if rt.is_main:
         if not (run_dir / "config.toml").exists():
             (run_dir / "config.toml").write_text(to_toml(cfg))
-        if resume_from is not None:
-            checkpoint.truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
         log.header(rt.device, rt.world_size, [
             f"config: {label or 'custom'}  data: {trainer.data_dir}",
             f"parameters: {sum(p.numel() for p in trainer.model.parameters()):,}  grad_accum: {trainer.accum}  "

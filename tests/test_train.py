@@ -19,7 +19,7 @@ def short_run(tmp_path_factory):
 def test_run_writes_config_log_metrics_summary(short_run):
     out, r = short_run
     cfg = tomllib.loads((out / "config.toml").read_text())
-    assert cfg["train"]["steps"] == 12 and cfg["data"]["seq_len"] == 256
+    assert cfg["train"]["steps"] == 12 and cfg["data"]["seq_len"] == 128
     log = (out / "log.txt").read_text().splitlines()
     assert log[0].startswith("python ") and "torch" in log[0]
     assert any(line.startswith("step:12/12 val_loss:") for line in log)
@@ -31,7 +31,7 @@ def test_run_writes_config_log_metrics_summary(short_run):
     assert [m["step"] for m in val] == [0, 6, 12]
     for m in train:
         assert {"step", "tokens", "train_time_ms", "train_loss", "lr", "tokens_per_s"} <= set(m)
-        assert m["tokens"] == m["step"] * 1024
+        assert m["tokens"] == m["step"] * 512
     assert all(a["train_time_ms"] <= b["train_time_ms"] for a, b in zip(records, records[1:]))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_val_loss"] == val[-1]["val_loss"]
