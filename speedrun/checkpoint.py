@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tomllib
+import warnings
 from pathlib import Path
 
 import torch
@@ -164,7 +165,9 @@ def _first_line(e: Exception) -> str:
 def _load_tensors(path: Path, device: torch.device) -> dict:
     """weights_only refuses any pickle that would construct arbitrary objects or call functions."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # torch's advice to retry with weights_only=False is not for us
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         raise DataError(f"{path}: not a loadable checkpoint file; refused to unpickle it ({_first_line(e)})") from None
 

@@ -49,10 +49,10 @@ def fetch_hellaswag() -> Path:
     from huggingface_hub import hf_hub_download
     from pyarrow import parquet
 
-    from speedrun.data.fineweb import Dataset, _check_reachable
+    from speedrun.data.fineweb import check_reachable
 
     try:
-        _check_reachable(Dataset(HELLASWAG_REPO, "", 0), HELLASWAG_PARQUET, HELLASWAG_REVISION)
+        check_reachable(HELLASWAG_REPO, HELLASWAG_PARQUET, HELLASWAG_REVISION)
     except DataError as e:
         raise DataError(f"HellaSwag is not cached at {path} and cannot be downloaded: {e}; "
                         f"or pass --data FILE (hellaswag_val.jsonl)") from None

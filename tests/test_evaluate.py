@@ -99,7 +99,7 @@ def test_hellaswag_download_is_converted_once_and_cached(tmp_path, monkeypatch):
         return str(path)
 
     monkeypatch.setenv("SPEEDRUN_CACHE", str(tmp_path))
-    monkeypatch.setattr(speedrun.data.fineweb, "_check_reachable", lambda *args: None)
+    monkeypatch.setattr(speedrun.data.fineweb, "check_reachable", lambda *args: None)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     monkeypatch.setattr(evaluate, "HELLASWAG_ITEMS", len(rows))
     path = evaluate.fetch_hellaswag()

@@ -47,17 +47,17 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _check_reachable(dataset: Dataset, filename: str, revision: str) -> None:
+def check_reachable(repo: str, filename: str, revision: str) -> None:
     """One HEAD request without retries, so that an unreachable hub fails in a second with a plain
     message, instead of after huggingface_hub's half-minute of retries and warnings."""
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
     from huggingface_hub.errors import HfHubHTTPError
 
-    url = hf_hub_url(dataset.repo, filename, repo_type="dataset", revision=revision)
+    url = hf_hub_url(repo, filename, repo_type="dataset", revision=revision)
     try:
         get_hf_file_metadata(url)
     except HfHubHTTPError as e:
-        raise DataError(f"the Hugging Face hub refused {dataset.repo}/{filename}: {_first_line(e)}") from None
+        raise DataError(f"the Hugging Face hub refused {repo}/{filename}: {_first_line(e)}") from None
     except Exception as e:
         raise DataError(f"cannot reach the Hugging Face hub at {constants.ENDPOINT} "
                         f"({type(e).__name__}: {_first_line(e)}); check the network or HF_ENDPOINT") from None
@@ -84,7 +84,7 @@ def download_fineweb(dataset: str = DEFAULT_DATASET, train_shards: int = DEFAULT
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars, logging as hub_logging
 
-    _check_reachable(info, missing[0], revision)
+    check_reachable(info.repo, missing[0], revision)
     out.mkdir(parents=True, exist_ok=True)
     # Its retry warnings are multi-line; any failure that survives the retries is reported below.
     verbosity = hub_logging.get_verbosity()
