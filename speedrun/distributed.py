@@ -44,10 +44,13 @@ def setup(device_preference: str) -> Runtime:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            dist.init_process_group(backend="nccl", device_id=device)
-        else:
-            dist.init_process_group(backend="gloo")
+        store, _, _ = next(dist.rendezvous("env://"))
+        # After torchrun restarts a failed job the workers may reach the same store as the failed
+        # attempt; without a per-attempt namespace a rank can read a dead peer's address from it.
+        store = dist.PrefixStore(f"speedrun/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
+                                device_id=device if device.type == "cuda" else None)
     return Runtime(rank, world_size, local_rank, device)
 
 

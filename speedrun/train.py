@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import resource
 import sys
 import time
@@ -75,6 +76,14 @@ def _data_files(cfg: Config):
     return data_dir, *find_shards(data_dir, cfg.data.train_pattern, cfg.data.val_pattern)
 
 
+def use_persistent_compile_cache() -> None:
+    """Keep inductor's compiled kernels and graphs beside the corpus cache, so a second run of the
+    same config skips most of compilation (torch's default lives in /tmp)."""
+    from speedrun.data.corpus import cache_root
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+
+
 class Trainer:
     def __init__(self, cfg: Config, rt: Runtime, run_dir: Path):
         from speedrun.data.loader import TrainLoader
@@ -91,6 +100,8 @@ class Trainer:
         broadcast_parameters(self.model)
         self.optimizers = build_optimizers(self.model.param_groups(), cfg.optim, fused=self.device.type == "cuda")
         self.grads = GradientAverager(list(self.model.parameters()), rt.world_size)
+        if cfg.train.compile:
+            use_persistent_compile_cache()
         self.forward = torch.compile(self.model, dynamic=False) if cfg.train.compile else self.model
         self.accum = grad_accum_steps(cfg, rt.world_size)
         self.loader = TrainLoader(train_files, seq_len=cfg.data.seq_len, micro_batch_seqs=cfg.data.micro_batch_seqs,
