@@ -40,7 +40,9 @@ def find_shards(data_dir: str | Path, train_pattern: str, val_pattern: str) -> t
     """The sorted train and val shard files in `data_dir`."""
     folder = Path(data_dir)
     if not folder.is_dir():
-        raise DataError(f"data folder {folder} does not exist" if not folder.exists() else f"{folder} is not a folder")
+        raise DataError(f"data folder {folder} does not exist (download FineWeb with `speedrun data fineweb --dir "
+                        f"{folder}`, or tokenize your own with `speedrun data tokenize`)"
+                        if not folder.exists() else f"{folder} is not a folder")
     found = []
     for kind, pattern in (("train", train_pattern), ("val", val_pattern)):
         files = sorted(p for p in folder.glob(pattern) if p.is_file())
