@@ -5,7 +5,6 @@ summary.json; a run's name is the directory's basename."""
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -31,14 +30,14 @@ def measure(preset: str, overrides: list[str], steps: int, warmup: int, device: 
     rt = setup(cfg.train.device)
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
-    trainer = Trainer(cfg, rt, Path(tempfile.gettempdir()))
+    trainer = Trainer(cfg, rt, preset)
     warm_s = trainer.warm_up(warmup)
     times = []
     for step in range(steps):
-        trainer._sync()
+        trainer.synchronize()
         t0 = time.perf_counter()
         trainer.train_step(step)
-        trainer._sync()
+        trainer.synchronize()
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     tokens_per_s = cfg.data.batch_tokens / step_s

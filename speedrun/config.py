@@ -250,6 +250,10 @@ def validate(cfg: Config) -> None:
     for name, value in positive:
         if value <= 0:
             raise ConfigError(f"'{name}' must be positive, got {value}")
+    for name in ("val_every", "save_every", "keep", "warmup_steps_untimed", "log_every"):
+        if getattr(t, name) < 0 or (name == "log_every" and t.log_every == 0):
+            raise ConfigError(f"'train.{name}' must be {'positive' if name == 'log_every' else 'zero or positive'}, "
+                              f"got {getattr(t, name)}")
     if d.batch_tokens % (d.seq_len * d.micro_batch_seqs):
         raise ConfigError(f"'data.batch_tokens' ({d.batch_tokens}) must be a multiple of data.seq_len × data.micro_batch_seqs "
                           f"({d.seq_len * d.micro_batch_seqs})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import resource
@@ -20,6 +21,8 @@ import torch.distributed as dist
 from speedrun import checkpoint
 from speedrun.attention import window_tokens
 from speedrun.config import Config, grad_accum_steps, load_config, scale_steps, to_dict, to_toml
+from speedrun.data.corpus import builtin_corpus_dir, cache_root
+from speedrun.data.loader import TrainLoader, find_shards, val_batches, val_fingerprint
 from speedrun.distributed import GradientAverager, Runtime, all_reduce_sum, barrier, broadcast_parameters, setup, teardown
 from speedrun.errors import SpeedrunError, UsageError
 from speedrun.model import GPT
@@ -35,29 +38,26 @@ def default_preset() -> str:
     return "gpt2-speedrun" if torch.cuda.is_available() else "tiny"
 
 
+# Command-line flags that are shorthands for one config key each.
+FLAG_KEYS = {"data": "data.dir", "device": "train.device", "compile": "train.compile", "seed": "train.seed",
+             "save_every": "train.save_every", "keep": "train.keep"}
+
+
 def resolve_config(args: argparse.Namespace) -> Config:
     preset = args.preset
     if preset is None and args.config is None:
         preset = default_preset()
         print(f"speedrun train: no --preset given; using '{preset}' "
               f"({'a CUDA device is present' if preset != 'tiny' else 'no CUDA device'})")
-    cfg = load_config(preset, args.config, args.set or [])
-    if args.data is not None:
-        cfg.data.dir = str(args.data)
-    if args.device is not None:
-        cfg.train.device = args.device
-    if args.compile is not None:
-        cfg.train.compile = args.compile
-    if args.seed is not None:
-        cfg.train.seed = args.seed
+    flags = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in FLAG_KEYS.items()
+             if getattr(args, flag) is not None]
+    cfg = load_config(preset, args.config, [*(args.set or []), *flags])
     if args.steps is not None:
         scale_steps(cfg, args.steps)
-    if args.val_every is not None:
+    if args.val_every is not None:  # after scaling: an explicit interval is taken as given
+        if args.val_every < 0:
+            raise UsageError(f"--val-every must be 0 (only at the end) or positive, got {args.val_every}")
         cfg.train.val_every = args.val_every
-    if args.save_every is not None:
-        cfg.train.save_every = args.save_every
-    if args.keep is not None:
-        cfg.train.keep = args.keep
     return cfg
 
 
@@ -69,9 +69,6 @@ def _run_dir(out: str | None, rt: Runtime) -> Path:
 
 
 def _data_files(cfg: Config):
-    from speedrun.data.corpus import builtin_corpus_dir
-    from speedrun.data.loader import find_shards
-
     data_dir = Path(cfg.data.dir) if cfg.data.dir else builtin_corpus_dir()
     return data_dir, *find_shards(data_dir, cfg.data.train_pattern, cfg.data.val_pattern)
 
@@ -79,16 +76,12 @@ def _data_files(cfg: Config):
 def use_persistent_compile_cache() -> None:
     """Keep inductor's compiled kernels and graphs beside the corpus cache, so a second run of the
     same config skips most of compilation (torch's default lives in /tmp)."""
-    from speedrun.data.corpus import cache_root
-
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
 
 
 class Trainer:
-    def __init__(self, cfg: Config, rt: Runtime, run_dir: Path):
-        from speedrun.data.loader import TrainLoader
-
-        self.cfg, self.rt, self.run_dir = cfg, rt, run_dir
+    def __init__(self, cfg: Config, rt: Runtime, label: str = ""):
+        self.cfg, self.rt, self.label = cfg, rt, label
         self.device = rt.device
         torch.manual_seed(cfg.train.seed)
         self.data_dir, train_files, self.val_files = _data_files(cfg)
@@ -113,7 +106,8 @@ class Trainer:
 
     # -- state that checkpoints carry -------------------------------------------------------------
     def state(self) -> dict:
-        return {"step": self.step, "train_time_ms": self.train_time_ms, "loader": self.loader.state_dict()}
+        return {"step": self.step, "train_time_ms": self.train_time_ms, "loader": self.loader.state_dict(),
+                "label": self.label}
 
     def load_state(self, state: dict) -> None:
         self.step = state["step"]
@@ -124,7 +118,7 @@ class Trainer:
         # A tensor, not an int, so that a compiled model does not recompile as the window grows.
         return torch.tensor(window_tokens(step, self.cfg.train.steps, self.cfg.model), dtype=torch.int32, device=self.device)
 
-    def _sync(self) -> None:
+    def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -149,8 +143,6 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self, step: int) -> float:
-        from speedrun.data.loader import val_batches
-
         self.model.eval()
         window = self._window(step)
         sums = torch.zeros(2, device=self.device, dtype=torch.float64)
@@ -175,7 +167,7 @@ class Trainer:
         t0 = time.perf_counter()
         for i in range(steps):
             self.train_step(self.step + i)
-        self._sync()
+        self.synchronize()
         seconds = time.perf_counter() - t0
         self.model.load_state_dict(snapshot[0])
         for opt, state in zip(self.optimizers, snapshot[1]):
@@ -205,10 +197,12 @@ def _run(cfg: Config, rt: Runtime, out: str | None, resume: str | None, label: s
     resume_from = checkpoint.find_resume(run_dir, resume) if resume else None
     if resume_from is not None:
         cfg = checkpoint.read_config(resume_from)
-    trainer = Trainer(cfg, rt, run_dir)
+    trainer = Trainer(cfg, rt, label)
     steps = cfg.train.steps
     if resume_from is not None:
-        trainer.load_state(checkpoint.load(resume_from, trainer.model, trainer.optimizers, rt))
+        saved = checkpoint.load(resume_from, trainer.model, trainer.optimizers, rt)
+        trainer.load_state(saved)
+        label = trainer.label = saved.get("label", label)
     if rt.is_main and resume_from is not None:
         checkpoint.truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
     log = RunLog(run_dir if rt.is_main else None, append=resume_from is not None, tensorboard=tensorboard,
@@ -240,12 +234,12 @@ def _run(cfg: Config, rt: Runtime, out: str | None, resume: str | None, label: s
     tokens_per_step = cfg.data.batch_tokens
     val_loss = float("nan")
     start_step = trainer.step
-    trainer._sync()
+    trainer.synchronize()
     t0 = time.perf_counter()
     for step in range(start_step, steps + 1):
         last = step == steps
         if last or (cfg.train.val_every > 0 and step % cfg.train.val_every == 0):
-            trainer._sync()
+            trainer.synchronize()
             trainer.train_time_ms += 1000 * (time.perf_counter() - t0)
             val_loss = trainer.validate(step)
             avg = trainer.train_time_ms / max(step, 1)
@@ -255,7 +249,7 @@ def _run(cfg: Config, rt: Runtime, out: str | None, resume: str | None, label: s
                          "val_loss": val_loss})
             if progress is not None:
                 progress.set_postfix(val_loss=f"{val_loss:.4f}")
-            trainer._sync()
+            trainer.synchronize()
             t0 = time.perf_counter()
         if last:
             break
@@ -264,7 +258,7 @@ def _run(cfg: Config, rt: Runtime, out: str | None, resume: str | None, label: s
             raise TrainingDiverged(f"training loss became {train_loss} at step {step + 1}; the last good checkpoint "
                                    f"(if any) is kept in {run_dir / 'checkpoints'}")
         trainer.step = step + 1
-        trainer._sync()
+        trainer.synchronize()
         now_ms = trainer.train_time_ms + 1000 * (time.perf_counter() - t0)
         record = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, "train_time_ms": round(now_ms, 3),
                   "train_loss": train_loss, "lr": lr_multiplier(step, steps, cfg.optim)}
@@ -279,7 +273,7 @@ def _run(cfg: Config, rt: Runtime, out: str | None, resume: str | None, label: s
             progress.update(1)
             progress.set_postfix(loss=f"{train_loss:.3f}")
         if cfg.train.save_every > 0 and trainer.step % cfg.train.save_every == 0 and trainer.step < steps:
-            trainer._sync()
+            trainer.synchronize()
             trainer.train_time_ms = now_ms
             checkpoint.save(run_dir, trainer.model, trainer.optimizers, trainer.state(), cfg, rt, keep=cfg.train.keep)
             t0 = time.perf_counter()
@@ -290,8 +284,6 @@ def _run(cfg: Config, rt: Runtime, out: str | None, resume: str | None, label: s
                "steps": steps, "tokens": steps * tokens_per_step, "world_size": rt.world_size,
                "peak_memory_mib": round(_peak_memory_mib(rt.device), 1), "warmup_s": round(warm, 2)}
     if rt.is_main:
-        from speedrun.data.loader import val_fingerprint
-
         summary["val_set"] = val_fingerprint(trainer.val_files, val_tokens=cfg.data.val_tokens, seq_len=cfg.data.val_seq_len)
         checkpoint.write_json(run_dir / "summary.json", summary)
         log.line(f"peak memory: {summary['peak_memory_mib']:.0f} MiB")
@@ -318,7 +310,7 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, help="number of optimizer steps; every schedule is scaled to it")
     p.add_argument("--val-every", type=int, help="validate every N steps (0: only at the end)")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps (a checkpoint is always written at the end)")
-    p.add_argument("--keep", type=int, help="keep the last N checkpoints")
+    p.add_argument("--keep", type=int, help="keep the last N checkpoints (0: all)")
     p.add_argument("--resume", metavar="DIR|auto", help="continue from a run or checkpoint directory; 'auto': the "
                                                         "latest checkpoint in --out, or a fresh start if there is none")
     p.add_argument("--tensorboard", action="store_true", help="also log metrics to RUN_DIR/tensorboard")

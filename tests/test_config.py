@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from speedrun.config import (ConfigError, Config, from_dict, grad_accum_steps, load_config, preset_names, scale_steps,
+from speedrun.config import (ConfigError, from_dict, grad_accum_steps, load_config, preset_names, scale_steps,
                              to_dict, to_toml)
 import tomllib
 

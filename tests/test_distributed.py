@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import SMALL_RUN, losses, read_metrics, run_cli
+from conftest import SMALL_RUN, losses, run_cli
 
 pytestmark = pytest.mark.slow
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -74,7 +73,7 @@ def test_two_nodes_on_one_machine_match_one_node(one_process, tmp_path):
 
 def test_killed_rank_restarts_from_checkpoint_and_finishes_like_an_unbroken_run(one_process, tmp_path):
     out = tmp_path / "restarted"
-    r = torchrun("train", *COMMON, "--out", str(out), "--resume", "auto", "--save-every", "5",
+    torchrun("train", *COMMON, "--out", str(out), "--resume", "auto", "--save-every", "5",
                  nproc=2, extra=["--max-restarts=1"], script=SCRIPTS / "die_once.py",
                  env={"SPEEDRUN_TEST_DIE_AT_STEP": "12", "SPEEDRUN_TEST_DIE_RANK": "1"})
     assert "resumed from" in (out / "log.txt").read_text()

@@ -1,7 +1,6 @@
 """End-to-end runs of `speedrun train` on CPU: outputs, resume, failure paths."""
 
 import json
-import math
 import tomllib
 
 import pytest
