@@ -103,7 +103,3 @@ def _start_wandb(out_dir: Path, config: dict):
         os.environ["WANDB_MODE"] = "offline"
     return wandb.init(project=os.environ.get("WANDB_PROJECT", "speedrun"), name=out_dir.name, dir=str(out_dir),
                       config=config)
-
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
