@@ -1,14 +1,20 @@
 """Attention masks and the two attention backends.
 
-One rule decides which keys a query sees: key position <= query position, query - key < window,
-and (with `document_mask`) the same document, where a document starts at each BOS token. Both
-backends apply exactly this rule: FlexAttention through block-sparse masks (`BlockMask`), the
+Which keys a query sees: key position <= query position, (with `document_mask`) the same
+document, where a document starts at each BOS token, and a sliding window in one of two
+granularities (ModelConfig.window_granularity):
+- "block", the record's: with n = window // window_block blocks (n // 2 on S layers, never fewer
+  than one), a query in block i sees keys in blocks i - n + 1 .. i;
+- "token": query - key < window (window / 2 on S layers).
+Both backends apply exactly this rule: FlexAttention through block-sparse masks (`BlockMask`), the
 SDPA fallback through a dense boolean mask. Masks are built once per forward pass, one for the
-long window and one for the short (half) window, and shared by all layers. CPU and MPS always
-take the SDPA path (see `use_flex`).
+long window and one for the short, and shared by all layers. CPU and MPS always take the SDPA
+path (see `use_flex`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -22,14 +28,18 @@ NO_WINDOW = 1 << 30  # a window longer than any sequence
 
 
 def window_tokens(step: int, total_steps: int, cfg: ModelConfig) -> int:
-    """The attention window at `step`: grows linearly from window_min to window_max over the run,
-    rounded up to whole window_block blocks so FlexAttention's block sparsity changes in steps."""
+    """The long attention window at `step` of a `total_steps` run, always whole window_blocks, so
+    FlexAttention's block sparsity changes in steps (see ModelConfig.window_schedule)."""
     if not cfg.sliding_window:
         return NO_WINDOW
-    step = min(max(step, 0), total_steps)
+    step, total, block = min(max(step, 0), total_steps), max(total_steps, 1), cfg.window_block
     # integer ceil-divisions, so the value never depends on float rounding
-    window = cfg.window_min + -(-(cfg.window_max - cfg.window_min) * step // max(total_steps, 1))
-    return -(-window // cfg.window_block) * cfg.window_block
+    if cfg.window_schedule == "record":
+        # (window_max - block/2)·step/total rounded up to whole blocks, written over 2·total·block
+        blocks = -(-(2 * cfg.window_max - block) * step // (2 * total * block))
+        return max(blocks, 1) * block
+    window = cfg.window_min + -(-(cfg.window_max - cfg.window_min) * step // total)
+    return -(-window // block) * block
 
 
 def document_ids(idx: Tensor) -> Tensor:
@@ -41,16 +51,29 @@ def document_ids(idx: Tensor) -> Tensor:
 SHRINK = {"L": 1, "S": 2}
 
 
-def mask_rule(docs: Tensor | None, window: int | Tensor, shrink: int = 1):
-    """The mask_mod (b, h, q, kv) -> keep? shared by both backends: q - kv < window / shrink.
+def window_blocks(window: int | Tensor, block: int, shrink: int) -> int | Tensor:
+    """Key blocks a query block sees under the block rule: (window // block) // shrink, at least 1."""
+    n = window // block // shrink
+    return torch.clamp_min(n, 1) if isinstance(n, Tensor) else max(n, 1)
+
+
+def mask_rule(docs: Tensor | None, window: int | Tensor, shrink: int = 1, block: int | None = None):
+    """The mask_mod (b, h, q, kv) -> keep? shared by both backends; `block` None is the token rule
+    q - kv < window / shrink, a block size the block rule (see the module docstring).
 
     `window` may be a 0-d tensor on the model's device, so a compiled model need not recompile as
-    the window grows. The division is kept as the integer product (q - kv) * shrink < window rather
-    than a halved window tensor: a scalar tensor computed inside the graph and captured by a
-    mask_mod makes Inductor's CPU FlexAttention kernel fail to lower (torch 2.13)."""
+    the window grows. Both rules compare integer products with the window itself rather than a
+    window tensor divided inside the graph: a scalar tensor computed in the graph and captured by
+    a mask_mod makes Inductor's CPU FlexAttention kernel fail to lower (torch 2.13). For the block
+    rule, d = q // block - kv // block < max((window // block) // shrink, 1) is the same as
+    d == 0 or (d + 1) * shrink * block <= window."""
 
     def keep(b, h, q, kv):
-        allowed = (q >= kv) & ((q - kv) * shrink < window)
+        if block is None:
+            allowed = (q >= kv) & ((q - kv) * shrink < window)
+        else:
+            d = q // block - kv // block
+            allowed = (q >= kv) & ((d == 0) | ((d + 1) * (shrink * block) <= window))
         if docs is not None:
             allowed = allowed & (docs[b, q] == docs[b, kv])
         return allowed
@@ -58,38 +81,64 @@ def mask_rule(docs: Tensor | None, window: int | Tensor, shrink: int = 1):
     return keep
 
 
-def dense_mask(docs: Tensor | None, window: int | Tensor, shrink: int, batch: int, seq_len: int, device) -> Tensor:
+def dense_mask(docs: Tensor | None, window: int | Tensor, shrink: int, batch: int, seq_len: int, device,
+               block: int | None = None) -> Tensor:
     """(B or 1, 1, T, T) boolean mask for SDPA, True where attention is allowed."""
     pos = torch.arange(seq_len, device=device)
     b = torch.arange(batch if docs is not None else 1, device=device)[:, None, None, None]
-    return mask_rule(docs, window, shrink)(b, 0, pos[:, None], pos[None, :])
+    return mask_rule(docs, window, shrink, block)(b, 0, pos[:, None], pos[None, :])
 
 
-def _as_ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:
-    """(B, Q, KV) boolean block grid -> BlockMask's (count, indices) form, selected blocks first."""
-    counts = blocks.sum(-1, dtype=torch.int32)
-    indices = torch.argsort(blocks.to(torch.uint8), dim=-1, descending=True, stable=True).to(torch.int32)
-    return counts[:, None].contiguous(), indices[:, None].contiguous()
-
-
-def flex_masks(docs: Tensor | None, window: int | Tensor, seq_len: int, block: int, device) -> dict[str, BlockMask]:
-    """A BlockMask per SHRINK letter, built from block-level bounds rather than by evaluating the
-    rule on every (q, kv) pair: a block pair is skipped when no pair in it is allowed, "full" when
-    every pair is (no mask_mod call inside), and partial otherwise. Cost is O(B * (T/block)^2)
-    elementwise ops, all tensor code, so it compiles and never syncs with the host."""
+def _block_bounds(docs: Tensor | None, seq_len: int, block: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """For every (query block, key block): whether some pair in it is document-causal, whether every
+    pair is, and the distance in blocks. Doc ids never decrease, so a block's first and last ids
+    bound every id in it; a diagonal block always holds some future keys, so it is never "every"."""
     n = seq_len // block
     blk = torch.arange(n, device=device)
-    q_blk, kv_blk = blk[:, None], blk[None, :]
-    some = (q_blk >= kv_blk)[None]
-    every = (q_blk > kv_blk)[None]  # a diagonal block always holds some future keys
+    gap = blk[:, None] - blk[None, :]
+    some, every = (gap >= 0)[None], (gap > 0)[None]
     if docs is not None:
-        # doc ids never decrease, so a block's first and last ids bound every id in it
         lo, hi = docs[:, ::block], docs[:, block - 1::block]
         lo_q, hi_q, lo_kv, hi_kv = lo[:, :, None], hi[:, :, None], lo[:, None, :], hi[:, None, :]
         some = some & (lo_q <= hi_kv) & (hi_q >= lo_kv)
         every = every & (lo_q == hi_q) & (lo_kv == hi_kv) & (lo_q == lo_kv)
-    gap = (q_blk - kv_blk) * block  # distance between the blocks' first positions
+    return some, every, gap
+
+
+def _as_ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, Q, KV) boolean block grid -> BlockMask's (count, indices) form: the selected key blocks
+    nearest the query first (highest index first), then the others, so that lowering a count
+    keeps the nearest blocks."""
+    n = blocks.size(-1)
+    key = blocks.to(torch.int32) * n + torch.arange(n, device=blocks.device, dtype=torch.int32)
+    indices = key.argsort(dim=-1, descending=True).to(torch.int32)
+    return blocks.sum(-1, dtype=torch.int32)[:, None].contiguous(), indices[:, None].contiguous()
+
+
+def flex_masks(docs: Tensor | None, window: int | Tensor, seq_len: int, block: int, device,
+               granularity: str = "block") -> dict[str, BlockMask]:
+    """A BlockMask per SHRINK letter, built from block-level bounds rather than by evaluating the
+    rule on every (q, kv) pair: a block pair is skipped when no pair in it is allowed, "full" when
+    every pair is (no mask_mod call inside), and partial otherwise. Cost is O(B * (T/block)^2)
+    elementwise ops, all tensor code, so it compiles and never syncs with the host.
+
+    Block granularity builds the lists once and then, per letter, keeps the nearest n - 1 full
+    blocks and as many nearest partial ones as fill n (at least the diagonal one), as the record
+    does. Its mask_mod repeats the window only for eager flex_attention, which ignores the lists."""
+    some, every, gap = _block_bounds(docs, seq_len, block, device)
     masks = {}
+    if granularity == "block":
+        partial_count, partial_index = _as_ordered(some & ~every)
+        full_count, full_index = _as_ordered(every)
+        for letter, shrink in SHRINK.items():
+            n = window_blocks(window, block, shrink)
+            partial = torch.minimum(partial_count, torch.clamp_min(n - full_count, 1))
+            masks[letter] = BlockMask.from_kv_blocks(partial, partial_index, torch.clamp_max(full_count, n - 1),
+                                                     full_index, BLOCK_SIZE=block,
+                                                     mask_mod=mask_rule(docs, window, shrink, block),
+                                                     seq_lengths=(seq_len, seq_len))
+        return masks
+    gap = gap * block  # distance between the blocks' first positions, in tokens
     for letter, shrink in SHRINK.items():
         full = every & ((gap + block - 1) * shrink < window)
         partial = some & ((gap - block + 1) * shrink < window) & ~full
@@ -112,16 +161,35 @@ def build_masks(idx: Tensor, window: int | Tensor, cfg: ModelConfig) -> dict[str
     B, T = idx.shape
     docs = document_ids(idx) if cfg.document_mask else None
     if use_flex(cfg, T, idx.device):
-        return flex_masks(docs, window, T, cfg.window_block, idx.device)
+        return flex_masks(docs, window, T, cfg.window_block, idx.device, cfg.window_granularity)
     if docs is None and not cfg.sliding_window:
         return {"L": None, "S": None}
-    return {letter: dense_mask(docs, window, shrink, B, T, idx.device) for letter, shrink in SHRINK.items()}
+    block = window_rule_block(cfg)
+    return {letter: dense_mask(docs, window, shrink, B, T, idx.device, block) for letter, shrink in SHRINK.items()}
+
+
+def window_rule_block(cfg: ModelConfig) -> int | None:
+    """The `block` argument of `mask_rule` for this config: the block size, or None for the token rule."""
+    return cfg.window_block if cfg.window_granularity == "block" else None
+
+
+def farthest_key(window: int, shrink: int, block: int | None) -> int:
+    """How many positions back, at most, a query can see, plus one: what a KV cache must hold."""
+    return window_blocks(window, block, shrink) * block if block is not None else -(-window // shrink)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask | Tensor | None, scale: float) -> Tensor:
     """Attention over (B, H, T, D) tensors with a mask from `build_masks`."""
     if isinstance(mask, BlockMask):
-        return flex_attention(q, k, v, block_mask=mask, scale=scale)
+        # Eager flex_attention materialises every (T, T) score; a CUDA model that is not compiled
+        # as a whole (--no-compile) still gets the fused kernel by compiling this call alone.
+        eager = torch.compiler.is_compiling() or not q.is_cuda
+        return (flex_attention if eager else _compiled_flex_attention())(q, k, v, block_mask=mask, scale=scale)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

@@ -1,8 +1,11 @@
-"""Attention masks: both backends against an unfused reference, and the block structure that a
-compiled FlexAttention kernel relies on (eager flex_attention ignores block sparsity, so the
-block lists are checked on their own)."""
+"""Attention masks: both backends against an unfused reference, for the record's block-granular
+windows and the token-exact ones, and the block structure that a compiled FlexAttention kernel
+relies on (eager flex_attention ignores block sparsity, so the block lists are checked on their
+own)."""
 
+import math
 import warnings
+from fractions import Fraction
 
 import pytest
 import torch
@@ -36,11 +39,19 @@ def tokens(layout: str, seed: int = 0) -> torch.Tensor:
     return idx
 
 
-def allowed_reference(idx: torch.Tensor, window: float, document_mask: bool) -> torch.Tensor:
-    """(B, T, T) mask written independently of the library: loops over tokens for the documents."""
+def allowed_reference(idx: torch.Tensor, window: int, shrink: int, document_mask: bool,
+                      granularity: str = "token") -> torch.Tensor:
+    """(B, T, T) mask written independently of the library: loops over tokens for the documents.
+    Token windows: query - key < window / shrink. Block windows (the record's): a query in block i
+    sees key blocks i - n + 1 .. i, n = (window // BLOCK) // shrink but at least the diagonal."""
     B, n = idx.shape
     pos = torch.arange(n).double()
-    allowed = ((pos[:, None] >= pos[None, :]) & (pos[:, None] - pos[None, :] < window)).repeat(B, 1, 1)
+    if granularity == "token":
+        near = pos[:, None] - pos[None, :] < window / shrink
+    else:
+        blocks = max((window // BLOCK) // shrink, 1)
+        near = (pos[:, None] // BLOCK) - (pos[None, :] // BLOCK) < blocks
+    allowed = ((pos[:, None] >= pos[None, :]) & near).repeat(B, 1, 1)
     if document_mask:
         for b in range(B):
             doc, current = [], 0
@@ -63,71 +74,96 @@ def qkv(seed: int = 0, device="cpu", dtype=torch.float32):
     return [torch.randn(2, HEADS, T, HEAD_DIM, generator=g).to(device, dtype) for _ in range(3)]
 
 
-# 200 and 129 are not whole blocks (nor, halved, whole tokens): the rule is exact, not block-wise
-CASES = [(layout, window, document_mask)
+# 200 and 129 are not whole blocks (nor, halved, whole tokens): the token rule is exact, the
+# block rule floors them to whole blocks; 128 and 129 leave S layers only the diagonal block
+CASES = [(layout, window, document_mask, granularity)
          for layout in ["none", "start", "block_edges", "many"]
          for window in [128, 129, 200, 384, NO_WINDOW]
-         for document_mask in [True, False]]
+         for document_mask in [True, False]
+         for granularity in ["block", "token"]]
 
 
-@pytest.mark.parametrize("layout,window,document_mask", CASES)
-def test_flex_equals_reference(layout, window, document_mask):
+@pytest.mark.parametrize("layout,window,document_mask,granularity", CASES)
+def test_flex_equals_reference(layout, window, document_mask, granularity):
     idx = tokens(layout)
     docs = document_ids(idx) if document_mask else None
     q, k, v = qkv()
-    masks = flex_masks(docs, window, T, BLOCK, idx.device)
+    masks = flex_masks(docs, window, T, BLOCK, idx.device, granularity)
     for letter, shrink in SHRINK.items():
-        expected = attention_reference(q, k, v, allowed_reference(idx, window / shrink, document_mask))
+        expected = attention_reference(q, k, v, allowed_reference(idx, window, shrink, document_mask, granularity))
         torch.testing.assert_close(attend(q, k, v, masks[letter], SCALE), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("layout,window,document_mask", CASES)
-def test_sdpa_equals_reference(layout, window, document_mask):
+@pytest.mark.parametrize("layout,window,document_mask,granularity", CASES)
+def test_sdpa_equals_reference(layout, window, document_mask, granularity):
     cfg = load_config("tiny").model
     cfg.attention, cfg.document_mask, cfg.sliding_window = "sdpa", document_mask, window != NO_WINDOW
+    cfg.window_granularity = granularity
     idx = tokens(layout)
     masks = build_masks(idx, window, cfg)
     if not document_mask and window == NO_WINDOW:
         assert masks["L"] is None  # the plain causal fast path
+        masks = {"L": dense_mask(None, NO_WINDOW, 1, 2, T, "cpu"), "S": dense_mask(None, NO_WINDOW, 2, 2, T, "cpu")}
     q, k, v = qkv()
     for letter, shrink in SHRINK.items():
-        expected = attention_reference(q, k, v, allowed_reference(idx, window / shrink, document_mask))
+        expected = attention_reference(q, k, v, allowed_reference(idx, window, shrink, document_mask, granularity))
         torch.testing.assert_close(attend(q, k, v, masks[letter], SCALE), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("layout,window,document_mask", CASES)
-def test_block_lists_classify_every_block(layout, window, document_mask):
+def listed_blocks(mask, b: int, qb: int) -> tuple[list[int], list[int]]:
+    """(full, partial) key blocks a BlockMask lists for query block qb of batch row b, in order."""
+    mb = min(b, mask.kv_num_blocks.size(0) - 1)  # a mask without documents has batch 1
+    full = mask.full_kv_indices[mb, 0, qb, :mask.full_kv_num_blocks[mb, 0, qb]].tolist()
+    partial = mask.kv_indices[mb, 0, qb, :mask.kv_num_blocks[mb, 0, qb]].tolist()
+    return full, partial
+
+
+@pytest.mark.parametrize("layout,window,document_mask,granularity", CASES)
+def test_block_lists_classify_every_block(layout, window, document_mask, granularity):
     """A kv block is listed "full" exactly when every (q, kv) pair in it is allowed, "partial"
-    when some but not all are, and not at all when none is."""
+    when some but not all are, and not at all when none is. Under the block rule that is the
+    record's mask: the nearest n key blocks, document-causal inside them, listed nearest first."""
     idx = tokens(layout)
     docs = document_ids(idx) if document_mask else None
     n = T // BLOCK
-    masks = flex_masks(docs, window, T, BLOCK, idx.device)
+    masks = flex_masks(docs, window, T, BLOCK, idx.device, granularity)
     for letter, shrink in SHRINK.items():
-        mask = masks[letter]
-        blocks = allowed_reference(idx, window / shrink, document_mask).view(2, n, BLOCK, n, BLOCK)
+        blocks = allowed_reference(idx, window, shrink, document_mask, granularity).view(2, n, BLOCK, n, BLOCK)
         want_full, want_some = blocks.all(4).all(2), blocks.any(4).any(2)
         for b in range(2):
-            mb = min(b, mask.kv_num_blocks.size(0) - 1)  # a mask without documents has batch 1
             for qb in range(n):
-                full = mask.full_kv_indices[mb, 0, qb, :mask.full_kv_num_blocks[mb, 0, qb]].tolist()
-                partial = mask.kv_indices[mb, 0, qb, :mask.kv_num_blocks[mb, 0, qb]].tolist()
+                full, partial = listed_blocks(masks[letter], b, qb)
                 assert sorted(full) == want_full[b, qb].nonzero().flatten().tolist()
                 assert sorted(partial) == (want_some & ~want_full)[b, qb].nonzero().flatten().tolist()
+                if granularity == "block":
+                    assert full == sorted(full, reverse=True) and partial == sorted(partial, reverse=True)
+                    assert len(full) + len(partial) <= max((window // BLOCK) // shrink, 1)
 
 
-def test_window_tensor_gives_the_same_masks():
+def test_block_rule_on_a_long_document():
+    """The record's counts on one document spanning every block: long layers see n blocks (n - 1
+    full and the diagonal partial), short layers n // 2 (never less than the diagonal)."""
+    idx = tokens("start")[:1]
+    for window_blocks, short_blocks in [(1, 1), (2, 1), (3, 1), (4, 2)]:
+        masks = flex_masks(document_ids(idx), window_blocks * BLOCK, T, BLOCK, idx.device, "block")
+        for letter, blocks in (("L", window_blocks), ("S", short_blocks)):
+            full, partial = listed_blocks(masks[letter], 0, 3)
+            assert partial == [3] and full == list(range(2, 3 - blocks, -1))
+
+
+@pytest.mark.parametrize("granularity,block", [("block", BLOCK), ("token", None)])
+def test_window_tensor_gives_the_same_masks(granularity, block):
     idx = tokens("many")
     docs = document_ids(idx)
-    as_int = flex_masks(docs, 256, T, BLOCK, idx.device)
-    as_tensor = flex_masks(docs, torch.tensor(256, dtype=torch.int32), T, BLOCK, idx.device)
+    as_int = flex_masks(docs, 256, T, BLOCK, idx.device, granularity)
+    as_tensor = flex_masks(docs, torch.tensor(256, dtype=torch.int32), T, BLOCK, idx.device, granularity)
     q, k, v = qkv()
     for letter, shrink in SHRINK.items():
         a, b = as_int[letter], as_tensor[letter]
         assert torch.equal(a.kv_num_blocks, b.kv_num_blocks) and torch.equal(a.full_kv_num_blocks, b.full_kv_num_blocks)
         torch.testing.assert_close(attend(q, k, v, a, SCALE), attend(q, k, v, b, SCALE))
-        assert torch.equal(dense_mask(docs, 256, shrink, 2, T, "cpu"),
-                           dense_mask(docs, torch.tensor(256), shrink, 2, T, "cpu"))
+        assert torch.equal(dense_mask(docs, 256, shrink, 2, T, "cpu", block),
+                           dense_mask(docs, torch.tensor(256), shrink, 2, T, "cpu", block))
 
 
 def test_backend_choice():
@@ -139,8 +175,18 @@ def test_backend_choice():
     assert not use_flex(cfg, 1024, torch.device("cuda"))
 
 
-def test_window_schedule():
+def test_record_window_schedule():
+    """The record's rule: 1728·t/T rounded up to a multiple of 128, at least 128."""
     cfg = load_config("gpt2-speedrun").model
+    steps = 1770
+    windows = [window_tokens(s, steps, cfg) for s in range(steps + 1)]
+    reference = [max(128, math.ceil(Fraction(1728 * s, steps) / 128) * 128) for s in range(steps + 1)]
+    assert windows == reference
+    assert set(windows[:132]) == {128} and windows[132] == 256 and windows[-2] == windows[-1] == 1792
+
+
+def test_linear_window_schedule():
+    cfg = load_config("gpt2-speedrun", overrides=["model.window_schedule=linear"]).model
     steps = 1770
     windows = [window_tokens(s, steps, cfg) for s in range(steps + 1)]
     assert windows[0] == cfg.window_min and windows[-1] == cfg.window_max
@@ -163,9 +209,10 @@ def test_compiled_flex_on_cuda_equals_reference(layout):
     idx = tokens(layout).cuda()
     docs = document_ids(idx)
     q, k, v = qkv(device="cuda", dtype=torch.bfloat16)
-    masks = flex_masks(docs, torch.tensor(256, device="cuda", dtype=torch.int32), T, BLOCK, idx.device)
-    for letter, shrink in SHRINK.items():
-        expected = attention_reference(q.float().cpu(), k.float().cpu(), v.float().cpu(),
-                                       allowed_reference(idx.cpu(), 256 / shrink, True))
-        out = compiled(q, k, v, block_mask=masks[letter], scale=SCALE)
-        torch.testing.assert_close(out.float().cpu(), expected, atol=2e-2, rtol=2e-2)
+    for granularity in ("block", "token"):
+        masks = flex_masks(docs, torch.tensor(384, device="cuda", dtype=torch.int32), T, BLOCK, idx.device, granularity)
+        for letter, shrink in SHRINK.items():
+            expected = attention_reference(q.float().cpu(), k.float().cpu(), v.float().cpu(),
+                                           allowed_reference(idx.cpu(), 384, shrink, True, granularity))
+            out = compiled(q, k, v, block_mask=masks[letter], scale=SCALE)
+            torch.testing.assert_close(out.float().cpu(), expected, atol=2e-2, rtol=2e-2)

@@ -18,12 +18,14 @@ from test_export import saved_run, trained_run
 
 WINDOW = 16
 
-# (preset, model changes, window): the baseline has no sliding window of its own, so it is also
-# run with one, to cover windows with learned positions.
+# (preset, model changes, window): blocks of 8 tokens so that the block rule's windows (2 blocks,
+# 1 on S layers) are shorter than the generation; the baseline has no sliding window of its own,
+# so it is also run with one, to cover windows with learned positions.
 CASES = {
-    "tiny": ("tiny", {}, WINDOW),
+    "tiny": ("tiny", {"window_block": 8}, WINDOW),
+    "tiny-token-window": ("tiny", {"window_granularity": "token"}, WINDOW),
     "baseline-tiny": ("baseline-tiny", {}, NO_WINDOW),
-    "baseline-tiny-windowed": ("baseline-tiny", {"sliding_window": True}, WINDOW),
+    "baseline-tiny-windowed": ("baseline-tiny", {"sliding_window": True, "window_block": 8}, WINDOW),
 }
 
 
