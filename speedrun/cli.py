@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from speedrun.errors import SpeedrunError
@@ -14,6 +15,8 @@ COMMAND_MODULES = [
     "speedrun.train",
     "speedrun.data.cli",
     "speedrun.bench",
+    "speedrun.schedule",
+    "speedrun.doctor",
     "speedrun.analysis",
     "speedrun.sample",
     "speedrun.evaluate",
@@ -43,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from speedrun.distributed import use_expandable_segments
+
+    use_expandable_segments()  # before anything touches CUDA
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
@@ -56,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"speedrun {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
+        # point stdout at /dev/null so that the interpreter's final flush does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -52,10 +52,18 @@ class ModelConfig:
     window_min: int = 128  # tokens, at step 0
     window_max: int = 1792  # tokens, at the last step
     window_block: int = 128  # FlexAttention block size; windows grow in these steps
+    # record: block·max(1, ceil((window_max - window_block/2)·t/T / window_block)), the 2025 record's
+    # rule (1728·t/T rounded up to 128 for 1792); linear: window_min + ceil((window_max - window_min)·t/T),
+    # rounded up to whole blocks
+    window_schedule: str = "record"
+    # block: a query block sees its nearest n key blocks (n = window/block, half for S layers, at
+    # least one), document-causal inside them, as the record; token: query - key < window exactly
+    window_granularity: str = "block"
     long_short_pattern: str = "LSSSLSSLSSSL"  # one letter per layer: L = long window, S = window/2
     fp8_head: str = "auto"  # auto (CUDA cc >= 8.9) | on | off
     fp8_scales: list[float] = field(default_factory=lambda: [2.0, 512.0, 524288.0])  # x, w, grad
-    bf16_embeddings: bool = True  # on CUDA, store embedding tables in bf16 as the record does
+    activation_dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 elsewhere) | bfloat16 | float32; no autocast
+    bf16_embeddings: bool = True  # with bfloat16 activations, store embedding tables in bf16 as the record does
 
 
 @dataclass
@@ -92,6 +100,11 @@ class DataConfig:
     val_tokens: int = 10485760
     val_seq_len: int = 4 * 64 * 1024
     bos_aligned: bool = False
+    # batch: a step's batch never spans two shards; when the next whole batch (and one more token)
+    # does not fit, the rest of the shard is skipped, as the record's loader does.
+    # sequence: only a sequence never spans two shards, so a batch may take the end of one shard
+    # and the start of the next.
+    shard_boundary: str = "batch"
 
 
 @dataclass
@@ -232,6 +245,10 @@ _CHOICES = {
     ("model", "positional"): ("rotary", "learned"),
     ("model", "attention"): ("flex", "sdpa"),
     ("model", "fp8_head"): ("auto", "on", "off"),
+    ("model", "window_schedule"): ("record", "linear"),
+    ("model", "window_granularity"): ("block", "token"),
+    ("model", "activation_dtype"): ("auto", "bfloat16", "float32"),
+    ("data", "shard_boundary"): ("batch", "sequence"),
     ("optim", "schedule"): ("trapezoid", "cosine"),
     ("train", "device"): ("auto", "cpu", "cuda"),
 }
@@ -262,12 +279,35 @@ def validate(cfg: Config) -> None:
     if set(m.long_short_pattern) - {"L", "S"} or len(m.long_short_pattern) != m.n_layer:
         raise ConfigError(f"'model.long_short_pattern' must be {m.n_layer} letters L or S (one per layer), "
                           f"got '{m.long_short_pattern}'")
+    _validate_model_shapes(m)
     if m.value_embeds * 2 > m.n_layer:
         raise ConfigError(f"'model.value_embeds' ({m.value_embeds}) needs at least twice as many layers, got {m.n_layer}")
     if m.positional == "learned" and d.seq_len > m.max_seq_len:
         raise ConfigError(f"'data.seq_len' ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}) for learned positions")
     if not cfg.optim.muon and cfg.optim.lr_adam <= 0:
         raise ConfigError("'optim.lr_adam' must be positive when optim.muon = false")
+
+
+def _validate_model_shapes(m: ModelConfig) -> None:
+    """Shapes that cannot build a model, caught here so they end in one line rather than a traceback."""
+    for name in ("vocab_size", "vocab_multiple", "mlp_ratio", "window_block"):
+        if getattr(m, name) <= 0:
+            raise ConfigError(f"'model.{name}' must be positive, got {getattr(m, name)}")
+    if m.n_head * m.head_dim != m.model_dim:
+        raise ConfigError(f"'model.n_head' × 'model.head_dim' ({m.n_head} × {m.head_dim} = {m.n_head * m.head_dim}) "
+                          f"must equal 'model.model_dim' ({m.model_dim})")
+    if m.positional == "rotary" and m.head_dim % 2:
+        raise ConfigError(f"'model.head_dim' ({m.head_dim}) must be even for rotary embeddings")
+    if m.tied_head and m.zero_init_head:
+        raise ConfigError("'model.zero_init_head' cannot be true with 'model.tied_head': it would zero the token embeddings")
+    bad = [i for i in m.skip_attn_layers if not 0 <= i < m.n_layer]
+    if bad:
+        raise ConfigError(f"'model.skip_attn_layers' names layers {bad} outside 0..{m.n_layer - 1}")
+    if len(m.fp8_scales) != 3 or min(m.fp8_scales) <= 0:
+        raise ConfigError(f"'model.fp8_scales' must be three positive numbers [x, w, grad], got {m.fp8_scales}")
+    if m.sliding_window and not 0 < m.window_min <= m.window_max:
+        raise ConfigError(f"'model.window_min' ({m.window_min}) and 'model.window_max' ({m.window_max}) must satisfy "
+                          "0 < window_min <= window_max")
 
 
 def grad_accum_steps(cfg: Config, world_size: int) -> int:

@@ -35,6 +35,19 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def use_expandable_segments() -> None:
+    """The record's allocator setting: growing segments instead of fixed blocks, so the changing
+    shapes of validation and training do not fragment GPU memory. It is read when CUDA first
+    allocates, so it must be set before that; a user's own setting wins."""
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
+def backend_name() -> str:
+    """The process-group backend, or "none" for a single process."""
+    return dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
+
+
 def setup(device_preference: str) -> Runtime:
     """One process per device under torchrun (RANK/WORLD_SIZE/LOCAL_RANK), or a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -68,25 +81,35 @@ def broadcast_parameters(module: torch.nn.Module) -> None:
 
 class GradientAverager:
     """Averages gradients across ranks. On the last micro-step of an optimizer step each parameter's
-    all-reduce is launched from its post-accumulate hook, so communication overlaps the rest of
-    backward; `wait()` joins them before the optimizer step."""
+    all-reduce is launched from its post-accumulate hook as soon as autograd has produced that
+    gradient; `wait()` joins them before the optimizer step.
+
+    Whether that overlaps backward depends on how backward runs: an eager backward produces
+    gradients layer by layer, so the all-reduces of late layers run while early layers are still
+    differentiated; a compiled model's backward is one graph that hands over every gradient when
+    it ends, so the hooks fire together after it and communication does not overlap computation
+    (docs/distributed.md)."""
 
     def __init__(self, params: list[torch.nn.Parameter], world_size: int):
         self.world_size = world_size
         self.sync = False
         self.handles: list[tuple[torch.Tensor, dist.Work]] = []
+        # NCCL averages in the reduction kernel; gloo has no AVG, so there it is a sum and a divide
+        self.average_in_reduce = world_size > 1 and dist.get_backend() == "nccl"
         if world_size > 1:
             for p in params:
                 p.register_post_accumulate_grad_hook(self._launch)
 
     def _launch(self, p: torch.Tensor) -> None:
         if self.sync:
-            self.handles.append((p.grad, dist.all_reduce(p.grad, async_op=True)))
+            op = dist.ReduceOp.AVG if self.average_in_reduce else dist.ReduceOp.SUM
+            self.handles.append((p.grad, dist.all_reduce(p.grad, op=op, async_op=True)))
 
     def wait(self) -> None:
         for grad, handle in self.handles:
             handle.wait()
-            grad.div_(self.world_size)  # gloo has no AVG reduction; SUM then divide on every backend
+            if not self.average_in_reduce:
+                grad.div_(self.world_size)
         self.handles.clear()
 
 

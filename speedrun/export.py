@@ -16,7 +16,7 @@ from speedrun.attention import window_tokens
 from speedrun.config import Config, from_dict, to_dict
 from speedrun.distributed import pick_device
 from speedrun.errors import DataError, UsageError
-from speedrun.model import GPT
+from speedrun.model import GPT, activation_dtype
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -71,19 +71,23 @@ def from_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> G
 
 
 def load_model(path: str | Path, device: str | torch.device = "auto") -> tuple[Config, GPT]:
-    """(config, model in eval mode, float32, on `device`) from a run directory (its newest
-    checkpoint), a checkpoint directory or an export folder. `device` "auto" picks CUDA if present."""
+    """(config, model in eval mode on `device`) from a run directory (its newest checkpoint), a
+    checkpoint directory or an export folder. `device` "auto" picks CUDA if present. Weights are
+    float32; activations run in the dtype training used on that device (bf16 on CUDA)."""
     path = Path(path)
     device = pick_device(device) if device in ("auto", "cpu", "cuda") else torch.device(device)
     if (path / CONFIG).is_file() and (path / WEIGHTS).is_file():
-        cfg = _read_export_config(path)
-        return cfg, _build(cfg, path / WEIGHTS, device)
-    found = [path] if (path / "state.json").is_file() else checkpoint.list_checkpoints(path)
-    if not found:
-        raise UsageError(f"{path}: no checkpoint there (expected a run directory with checkpoints/{checkpoint.PREFIX}*, "
-                         f"a checkpoint directory or a folder written by `speedrun export`)")
-    cfg = checkpoint.read_config(found[-1])
-    return cfg, _build(cfg, found[-1] / WEIGHTS, device)
+        cfg, weights = _read_export_config(path), path / WEIGHTS
+    else:
+        found = [path] if (path / "state.json").is_file() else checkpoint.list_checkpoints(path)
+        if not found:
+            raise UsageError(f"{path}: no checkpoint there (expected a run directory with "
+                             f"checkpoints/{checkpoint.PREFIX}*, a checkpoint directory or a folder written by "
+                             "`speedrun export`)")
+        cfg, weights = checkpoint.read_config(found[-1]), found[-1] / WEIGHTS
+    model = _build(cfg, weights, device)
+    model.activation_dtype = activation_dtype(cfg.model, device)
+    return cfg, model
 
 
 def final_window(cfg: Config) -> int:

@@ -5,8 +5,10 @@ rotary, value embeddings, U-net skips, x0 mixing, ReLU^2, softcapped FP8 head, d
 sliding-window FlexAttention); with gpt2-baseline it is nanoGPT's GPT-2 (learned positions,
 LayerNorm, GELU, biases, tied head, causal SDPA).
 
-Weights are stored in fp32 and cast to the activations' dtype where they are used, so the model
-runs under whatever autocast the caller sets, and with embedding tables cast to bf16.
+Weights are stored in fp32 and cast to the activations' dtype where they are used. There is no
+autocast: `GPT.configure_for(device)` picks the activation dtype (ModelConfig.activation_dtype; bf16
+on CUDA, as the record), the embedding lookups start the residual stream in it, and every matmul
+and attention then runs in it; only rotary's rotation and the logits are computed in float32.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from speedrun.attention import NO_WINDOW, SHRINK, attend, build_masks, document_ids, mask_rule
+from speedrun.attention import (NO_WINDOW, SHRINK, attend, build_masks, document_ids, farthest_key, mask_rule,
+                                window_rule_block)
 from speedrun.config import ModelConfig
 from speedrun.fp8 import fp8_linear
 
@@ -93,9 +96,8 @@ class KVCache:
     the whole sequence. The window is fixed here because keys it has let go of cannot come back."""
 
     def __init__(self, cfg: ModelConfig, window: int = NO_WINDOW):
-        self.cfg, self.window = cfg, window
-        # the farthest key a query can see is ceil(window / shrink) - 1 positions back
-        self.keep = {letter: -(-window // shrink) for letter, shrink in SHRINK.items()}
+        self.cfg, self.window, self.block = cfg, window, window_rule_block(cfg)
+        self.keep = {letter: farthest_key(window, shrink, self.block) for letter, shrink in SHRINK.items()}
         self.layers = [LayerCache(self.keep[letter]) for letter in cfg.long_short_pattern]
         self.tokens: Tensor | None = None  # every token so far: document ids count BOS from the start
 
@@ -116,7 +118,7 @@ class KVCache:
         for letter, shrink in SHRINK.items():
             held = min(past, self.keep[letter])
             keys = torch.arange(past - held, self.tokens.size(1), device=device)[None, :]
-            masks[letter] = mask_rule(docs, self.window, shrink)(b, 0, queries, keys)
+            masks[letter] = mask_rule(docs, self.window, shrink, self.block)(b, 0, queries, keys)
         return masks
 
 
@@ -186,29 +188,58 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def activation_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if cfg.activation_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.activation_dtype)
+
+
+def fp8_supported(device: torch.device) -> bool:
+    """FP8 matmuls (torch._scaled_mm) on tensor cores: CUDA compute capability 8.9 (Ada) and up."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 class GPT(nn.Module):
+    """Validate the ModelConfig (config.validate) before building: shapes are not re-checked here."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.n_head * cfg.head_dim != cfg.model_dim:
-            raise ValueError(f"n_head * head_dim ({cfg.n_head} * {cfg.head_dim}) must equal model_dim ({cfg.model_dim})")
-        if cfg.tied_head and cfg.zero_init_head:
-            raise ValueError("zero_init_head with tied_head would zero the token embeddings")
         self.cfg = cfg
         self.padded_vocab = -(-cfg.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
         dim = cfg.model_dim
-        self.wte = nn.Embedding(self.padded_vocab, dim)
+        # Lookup tables need only the vocabulary's rows (as the record); a tied table is also the
+        # head, whose rows are padded so its matmul tiles evenly.
+        self.wte = nn.Embedding(self.padded_vocab if cfg.tied_head else cfg.vocab_size, dim)
         self.wpe = nn.Embedding(cfg.max_seq_len, dim) if cfg.positional == "learned" else None
-        self.value_embeds = nn.ModuleList(nn.Embedding(self.padded_vocab, dim) for _ in range(cfg.value_embeds))
+        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, dim) for _ in range(cfg.value_embeds))
         self.blocks = nn.ModuleList(Block(cfg, i, self._value_table(i) is not None) for i in range(cfg.n_layer))
         # encoder layers i < n_layer//2 feed decoder layer n_layer-1-i; an odd middle layer gets none
         self.skip_weights = nn.Parameter(torch.empty(cfg.n_layer // 2)) if cfg.unet_skips else None
         self.final_norm = make_norm(cfg)
         self.lm_head = None if cfg.tied_head else Linear(dim, self.padded_vocab, bias=False)
-        if cfg.fp8_head == "auto":
-            self.use_fp8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
-        else:
-            self.use_fp8 = cfg.fp8_head == "on"
+        # what configure_for() decides; until then float32 and the FP8 head only if forced on
+        self.activation_dtype = torch.float32
+        self.use_fp8 = cfg.fp8_head == "on"
+        self.fp8_scales = list(cfg.fp8_scales)
         self.init_weights()
+
+    def configure_for(self, device: torch.device, sequences_per_loss: int = 1) -> GPT:
+        """Move to `device` and settle what depends on it: the activation dtype, embedding tables
+        stored in bf16 with bf16 activations (ModelConfig.bf16_embeddings), and the FP8 head (auto:
+        where supported). `sequences_per_loss` is how many sequences each backward's loss is the
+        mean over, accumulation steps included (the loss of one micro-step is divided by their
+        number): the FP8 gradient scale is for one sequence's mean loss, as each rank computes it
+        in the record, so it is multiplied by this to put the logit gradients into the same FP8
+        range whatever the world size and micro-batch."""
+        self.to(device)
+        self.activation_dtype = activation_dtype(self.cfg, device)
+        if self.activation_dtype == torch.bfloat16 and self.cfg.bf16_embeddings:
+            for table in [self.wte, self.wpe, *self.value_embeds]:
+                if table is not None:
+                    table.bfloat16()
+        self.use_fp8 = self.cfg.fp8_head == "on" or (self.cfg.fp8_head == "auto" and fp8_supported(device))
+        self.fp8_scales = [*self.cfg.fp8_scales[:2], self.cfg.fp8_scales[2] * sequences_per_loss]
+        return self
 
     def _value_table(self, layer: int) -> int | None:
         """The value-embedding table of `layer`: the first N layers use tables 0..N-1, and so do
@@ -280,13 +311,13 @@ class GPT(nn.Module):
         cfg = self.cfg
         B, T = idx.shape
         past = 0 if cache is None else cache.length
-        x = self.wte(idx)
+        x = self.wte(idx).to(self.activation_dtype)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(past, past + T, device=idx.device))
+            x = x + self.wpe(torch.arange(past, past + T, device=idx.device)).to(self.activation_dtype)
         if cfg.norm == "rms":
             x = rms_norm(x)
         x0 = x
-        tables = [emb(idx) for emb in self.value_embeds]
+        tables = [emb(idx).to(self.activation_dtype) for emb in self.value_embeds]
         masks = build_masks(idx, window_tokens, cfg) if cache is None else cache.masks(idx)
         rotary = None
         if cfg.positional == "rotary":
@@ -303,7 +334,7 @@ class GPT(nn.Module):
                 skips.append(x)
         x = self.final_norm(x)
         if self.use_fp8 and self.training:
-            logits = fp8_linear(x, self.head_weight, cfg.fp8_scales)
+            logits = fp8_linear(x, self.head_weight, self.fp8_scales)
         else:
             logits = F.linear(x, self.head_weight.type_as(x))
         logits = logits.float()
@@ -333,19 +364,18 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 per matmul weight (forward 2, backward 4; embedding lookups
         are free) plus attention's two (T x T x head) products, 12 * dim per attended key. Keys are
-        counted as the causal mask and the largest window (window_max, half for S layers) allow;
-        document boundaries depend on the data and are ignored."""
+        counted as the causal mask and the largest window (window_max, shrunk on S layers) allow
+        under the configured window rule; document boundaries depend on the data and are ignored."""
         cfg = self.cfg
         matmul = sum(p.numel() for p in self.blocks.parameters() if p.ndim >= 2) + self.head_weight.numel()
+        window = cfg.window_max if cfg.sliding_window else NO_WINDOW
+        q = torch.arange(seq_len, dtype=torch.float64)
         attention = 0.0
         for i, block in enumerate(self.blocks):
-            if block.attn is None:
-                continue
-            w = seq_len
-            if cfg.sliding_window:
-                w = cfg.window_max // 2 if cfg.long_short_pattern[i] == "S" else cfg.window_max
-            w = min(w, seq_len)
-            # mean over positions t of min(t + 1, w)
-            keys = (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
-            attention += 12 * cfg.n_head * cfg.head_dim * keys
+            if block.attn is not None:
+                reach = farthest_key(window, SHRINK[cfg.long_short_pattern[i]], window_rule_block(cfg))
+                if cfg.window_granularity == "block" and reach < seq_len:
+                    reach = q % cfg.window_block + 1 + (reach - cfg.window_block)  # the diagonal block's keys vary
+                keys = torch.minimum(q + 1, torch.as_tensor(reach, dtype=torch.float64)).mean().item()
+                attention += 12 * cfg.n_head * cfg.head_dim * keys
         return 6.0 * matmul + attention

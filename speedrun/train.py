@@ -11,7 +11,6 @@ import os
 import resource
 import sys
 import time
-from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 
@@ -19,15 +18,16 @@ import torch
 import torch.distributed as dist
 
 from speedrun import checkpoint
-from speedrun.attention import window_tokens
+from speedrun.attention import use_flex, window_tokens
 from speedrun.config import Config, grad_accum_steps, load_config, scale_steps, to_dict, to_toml
 from speedrun.data.corpus import builtin_corpus_dir, cache_root
 from speedrun.data.loader import TrainLoader, find_shards, val_batches, val_fingerprint
-from speedrun.distributed import GradientAverager, Runtime, all_reduce_sum, barrier, broadcast_parameters, setup, teardown
+from speedrun.distributed import (GradientAverager, Runtime, all_reduce_sum, backend_name, barrier, broadcast_parameters,
+                                  setup, teardown)
 from speedrun.errors import SpeedrunError, UsageError
-from speedrun.model import GPT
+from speedrun.model import GPT, fp8_supported
 from speedrun.optim import apply_schedule, build_optimizers, lr_multiplier
-from speedrun.runlog import RunLog, peak_flops
+from speedrun.runlog import RunLog, device_description, peak_flops
 
 
 class TrainingDiverged(SpeedrunError):
@@ -79,30 +79,45 @@ def use_persistent_compile_cache() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
 
 
+def execution_path(trainer: "Trainer") -> dict:
+    """What actually runs, so that two runs can be told apart from their logs: attention backend and
+    window rule, head, dtype, compile, and the software and hardware underneath."""
+    cfg, device = trainer.cfg, trainer.device
+    flex = use_flex(cfg.model, cfg.data.seq_len, device)
+    window = (f"{cfg.model.window_granularity} windows ({cfg.model.window_schedule} schedule)"
+              if cfg.model.sliding_window else "no window")
+    path = {"attention": f"{'flex' if flex else 'sdpa'}, {window}",
+            "head": "fp8" if trainer.model.use_fp8 else str(trainer.model.activation_dtype).removeprefix("torch."),
+            "activations": str(trainer.model.activation_dtype).removeprefix("torch."),
+            "compile": "torch.compile (dynamic=False)" if cfg.train.compile else "eager",
+            "torch": torch.__version__, "cuda": torch.version.cuda or "none",
+            "device": device_description(device), "backend": backend_name(), "world_size": trainer.rt.world_size}
+    if device.type == "cuda" and not fp8_supported(device) and cfg.model.fp8_head == "auto":
+        path["head"] += " (no FP8 on this GPU)"
+    return path
+
+
 class Trainer:
     def __init__(self, cfg: Config, rt: Runtime, label: str = ""):
         self.cfg, self.rt, self.label = cfg, rt, label
         self.device = rt.device
         torch.manual_seed(cfg.train.seed)
         self.data_dir, train_files, self.val_files = _data_files(cfg)
-        self.model = GPT(cfg.model).to(self.device)
-        if self.device.type == "cuda" and cfg.model.bf16_embeddings:
-            for m in self.model.modules():
-                if isinstance(m, torch.nn.Embedding):
-                    m.bfloat16()
+        self.accum = grad_accum_steps(cfg, rt.world_size)
+        self.model = GPT(cfg.model).configure_for(self.device, self.accum * cfg.data.micro_batch_seqs)
         broadcast_parameters(self.model)
         self.optimizers = build_optimizers(self.model.param_groups(), cfg.optim, fused=self.device.type == "cuda")
         self.grads = GradientAverager(list(self.model.parameters()), rt.world_size)
         if cfg.train.compile:
             use_persistent_compile_cache()
         self.forward = torch.compile(self.model, dynamic=False) if cfg.train.compile else self.model
-        self.accum = grad_accum_steps(cfg, rt.world_size)
         self.loader = TrainLoader(train_files, seq_len=cfg.data.seq_len, micro_batch_seqs=cfg.data.micro_batch_seqs,
                                   batch_tokens=cfg.data.batch_tokens, rank=rt.rank, world_size=rt.world_size,
-                                  bos_aligned=cfg.data.bos_aligned, device=self.device, seed=cfg.train.seed)
+                                  bos_aligned=cfg.data.bos_aligned, shard_boundary=cfg.data.shard_boundary,
+                                  device=self.device, seed=cfg.train.seed)
         self.step = 0
         self.train_time_ms = 0.0
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext())
+        self._windows: dict[int, torch.Tensor] = {}
 
     # -- state that checkpoints carry -------------------------------------------------------------
     def state(self) -> dict:
@@ -115,21 +130,27 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
 
     def _window(self, step: int) -> torch.Tensor:
-        # A tensor, not an int, so that a compiled model does not recompile as the window grows.
-        return torch.tensor(window_tokens(step, self.cfg.train.steps, self.cfg.model), dtype=torch.int32, device=self.device)
+        """The window as a device tensor, not an int, so a compiled model does not recompile as it
+        grows; one tensor per value, copied once from pinned memory without blocking the host."""
+        tokens = window_tokens(step, self.cfg.train.steps, self.cfg.model)
+        if tokens not in self._windows:
+            host = torch.tensor(tokens, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+            self._windows[tokens] = host.to(self.device, non_blocking=True)
+        return self._windows[tokens]
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     # -- one optimizer step ---------------------------------------------------------------------
-    def train_step(self, step: int) -> float:
+    def train_step(self, step: int) -> torch.Tensor:
+        """One optimizer step; returns this rank's mean loss as a device tensor, so that nothing
+        here waits for the device (losses are fetched in batches, see StepLog)."""
         window = self._window(step)
         total = torch.zeros((), device=self.device)
         for i, (inputs, targets) in enumerate(self.loader.next_batch()):
             self.grads.sync = i == self.accum - 1
-            with self.autocast:
-                loss = self.forward(inputs, targets, window_tokens=window)
+            loss = self.forward(inputs, targets, window_tokens=window)
             (loss / self.accum).backward()
             total += loss.detach()
         self.grads.wait()
@@ -139,7 +160,7 @@ class Trainer:
         for opt in self.optimizers:
             opt.step()
         self.model.zero_grad(set_to_none=True)
-        return (all_reduce_sum(total) / (self.accum * self.rt.world_size)).item()
+        return total / self.accum
 
     @torch.no_grad()
     def validate(self, step: int) -> float:
@@ -149,8 +170,7 @@ class Trainer:
         for inputs, targets in val_batches(self.val_files, val_tokens=self.cfg.data.val_tokens,
                                            seq_len=self.cfg.data.val_seq_len, rank=self.rt.rank,
                                            world_size=self.rt.world_size, device=self.device):
-            with self.autocast:
-                loss = self.forward(inputs, targets, window_tokens=window)
+            loss = self.forward(inputs, targets, window_tokens=window)
             sums[0] += loss.double() * targets.numel()
             sums[1] += targets.numel()
         all_reduce_sum(sums)
@@ -176,6 +196,107 @@ class Trainer:
         return seconds
 
 
+class TrainClock:
+    """Milliseconds of training, counting optimizer steps only. A step's end is marked without
+    waiting for the device (on CUDA an event recorded in the stream, elsewhere the host clock);
+    the device is synchronised only where time is read: `read()` at a flush, `pause()` before
+    validation or a checkpoint."""
+
+    def __init__(self, device: torch.device, elapsed_ms: float):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.banked_ms = elapsed_ms  # time of the spans already closed
+        self.marks: list[tuple[int, object]] = []
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _ms_between(self, start, end) -> float:
+        return start.elapsed_time(end) if self.cuda else 1000 * (end - start)
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)  # the span starts with an idle device
+        self.started = self._now()
+
+    def mark(self, step: int) -> None:
+        self.marks.append((step, self._now()))
+
+    def read(self) -> list[tuple[int, float]]:
+        """(step, training ms at its end) for every step marked since the last read."""
+        if self.cuda and self.marks:
+            self.marks[-1][1].synchronize()
+        times = [(step, self.banked_ms + self._ms_between(self.started, mark)) for step, mark in self.marks]
+        self.marks.clear()
+        return times
+
+    def pause(self) -> float:
+        """Close the running span (after reading its marks) and return the total so far."""
+        end = self._now()
+        if self.cuda:
+            end.synchronize()
+        self.banked_ms += self._ms_between(self.started, end)
+        return self.banked_ms
+
+
+class StepLog:
+    """The per-step records of a run: losses stay on the device until `flush()`, which fetches them
+    all at once (averaged across ranks in one all-reduce), checks them, and writes a metrics.jsonl
+    record and a log.txt line per step."""
+
+    def __init__(self, trainer: Trainer, log: RunLog, run_dir: Path, progress):
+        self.trainer, self.log, self.run_dir, self.progress = trainer, log, run_dir, progress
+        cfg = trainer.cfg
+        self.steps, self.tokens_per_step = cfg.train.steps, cfg.data.batch_tokens
+        self.flops = trainer.model.flops_per_token(cfg.data.seq_len)
+        self.peak = peak_flops(trainer.device)
+        self.pending: list[tuple[int, torch.Tensor]] = []
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        self.pending.append((step, loss))
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def flush(self, clock: TrainClock) -> None:
+        times = dict(clock.read())
+        if not self.pending:
+            return
+        steps = [s for s, _ in self.pending]
+        local = torch.stack([loss for _, loss in self.pending]).float()
+        losses = (all_reduce_sum(local) / self.trainer.rt.world_size).tolist()
+        self.pending.clear()
+        for step, loss in zip(steps, losses):
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"training loss became {loss} at step {step}; the last good checkpoint (if any) "
+                                       f"is kept in {self.run_dir / 'checkpoints'}")
+            self._write(step, loss, times.get(step, clock.banked_ms))
+        if self.progress is not None:
+            self.progress.set_postfix(loss=f"{losses[-1]:.3f}")
+
+    def _write(self, step: int, loss: float, now_ms: float) -> None:
+        record = {"step": step, "tokens": step * self.tokens_per_step, "train_time_ms": round(now_ms, 3),
+                  "train_loss": loss, "lr": lr_multiplier(step - 1, self.steps, self.trainer.cfg.optim)}
+        tokens_per_s = step * self.tokens_per_step / (now_ms / 1000) if now_ms > 0 else 0.0
+        record["tokens_per_s"] = round(tokens_per_s, 1)
+        if self.peak is not None:
+            record["mfu"] = round(self.flops * tokens_per_s / (self.peak * self.trainer.rt.world_size), 4)
+        self.log.metrics(record)
+        self.log.line(f"step:{step}/{self.steps} train_time:{now_ms:.0f}ms step_avg:{now_ms / step:.2f}ms")
+
+    def validation(self, step: int, val_loss: float, train_time_ms: float) -> None:
+        avg = train_time_ms / max(step, 1)
+        self.log.line(f"step:{step}/{self.steps} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
+                      f"step_avg:{avg:.2f}ms", echo=self.progress is None and self.trainer.rt.is_main)
+        self.log.metrics({"step": step, "tokens": step * self.tokens_per_step, "train_time_ms": round(train_time_ms, 3),
+                          "val_loss": val_loss})
+        if self.progress is not None:
+            self.progress.set_postfix(val_loss=f"{val_loss:.4f}")
+
+
 def _peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -191,103 +312,100 @@ def run(cfg: Config, out: str | None = None, resume: str | None = None, label: s
         teardown()
 
 
-def _run(cfg: Config, rt: Runtime, out: str | None, resume: str | None, label: str, tensorboard: bool,
-         wandb: bool) -> dict:
-    run_dir = _run_dir(out, rt)
+def _start(cfg: Config, rt: Runtime, run_dir: Path, resume: str | None, label: str, tensorboard: bool,
+           wandb: bool) -> tuple[Config, Trainer, RunLog]:
+    """The trainer (resumed if asked) and the run's log, with its header written."""
     resume_from = checkpoint.find_resume(run_dir, resume) if resume else None
     if resume_from is not None:
         cfg = checkpoint.read_config(resume_from)
     trainer = Trainer(cfg, rt, label)
-    steps = cfg.train.steps
     if resume_from is not None:
         saved = checkpoint.load(resume_from, trainer.model, trainer.optimizers, rt)
         trainer.load_state(saved)
-        label = trainer.label = saved.get("label", label)
-    if rt.is_main and resume_from is not None:
-        checkpoint.truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
+        trainer.label = saved.get("label", label)
+        if rt.is_main:
+            checkpoint.truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
     log = RunLog(run_dir if rt.is_main else None, append=resume_from is not None, tensorboard=tensorboard,
                  wandb=wandb, config=to_dict(cfg))
     if rt.is_main:
         if not (run_dir / "config.toml").exists():
             (run_dir / "config.toml").write_text(to_toml(cfg))
+        path = execution_path(trainer)
         log.header(rt.device, rt.world_size, [
-            f"config: {label or 'custom'}  data: {trainer.data_dir}",
+            f"config: {trainer.label or 'custom'}  data: {trainer.data_dir}",
             f"parameters: {sum(p.numel() for p in trainer.model.parameters()):,}  grad_accum: {trainer.accum}  "
-            f"tokens/step: {cfg.data.batch_tokens:,}  fp8 head: {trainer.model.use_fp8}  compile: {cfg.train.compile}",
-            *( [f"resumed from {resume_from} at step {trainer.step}"] if resume_from else []),
+            f"tokens/step: {cfg.data.batch_tokens:,}",
+            "path: " + "  ".join(f"{k}: {v}" for k, v in path.items() if k not in ("torch", "cuda", "device", "world_size")),
+            *([f"resumed from {resume_from} at step {trainer.step}"] if resume_from else []),
         ])
+    return cfg, trainer, log
+
+
+def _warm_up(trainer: Trainer, log: RunLog) -> float:
+    cfg = trainer.cfg
+    steps = min(cfg.train.warmup_steps_untimed, cfg.train.steps)
     try:
-        warm = trainer.warm_up(min(cfg.train.warmup_steps_untimed, steps))
+        warm = trainer.warm_up(steps)
     except torch.OutOfMemoryError:
         raise SpeedrunError(
-            f"out of memory at start-up with config '{label or 'custom'}': each device holds "
+            f"out of memory at start-up with config '{trainer.label or 'custom'}': each device holds "
             f"{cfg.data.micro_batch_seqs} sequence(s) of {cfg.data.seq_len} tokens per micro-step; lower it with "
             f"--set data.micro_batch_seqs=N or --set data.seq_len=N (grad accumulation keeps the global batch)") from None
-    log.line(f"warm-up: {min(cfg.train.warmup_steps_untimed, steps)} untimed steps in {warm:.1f}s (compile included)", echo=False)
+    log.line(f"warm-up: {steps} untimed steps in {warm:.1f}s (compile included)", echo=False)
+    return warm
 
-    peak = peak_flops(rt.device)
-    flops_per_token = trainer.model.flops_per_token(cfg.data.seq_len)
+
+def _run(cfg: Config, rt: Runtime, out: str | None, resume: str | None, label: str, tensorboard: bool,
+         wandb: bool) -> dict:
+    run_dir = _run_dir(out, rt)
+    cfg, trainer, log = _start(cfg, rt, run_dir, resume, label, tensorboard, wandb)
+    warm = _warm_up(trainer, log)
+    steps, t = cfg.train.steps, cfg.train
     progress = None
     if rt.is_main and sys.stderr.isatty():
         from tqdm import tqdm
         progress = tqdm(total=steps, initial=trainer.step, unit="step", dynamic_ncols=True)
-    tokens_per_step = cfg.data.batch_tokens
+    step_log = StepLog(trainer, log, run_dir, progress)
+    clock = TrainClock(trainer.device, trainer.train_time_ms)
     val_loss = float("nan")
-    start_step = trainer.step
-    trainer.synchronize()
-    t0 = time.perf_counter()
-    for step in range(start_step, steps + 1):
-        last = step == steps
-        if last or (cfg.train.val_every > 0 and step % cfg.train.val_every == 0):
-            trainer.synchronize()
-            trainer.train_time_ms += 1000 * (time.perf_counter() - t0)
-            val_loss = trainer.validate(step)
-            avg = trainer.train_time_ms / max(step, 1)
-            log.line(f"step:{step}/{steps} val_loss:{val_loss:.4f} train_time:{trainer.train_time_ms:.0f}ms step_avg:{avg:.2f}ms",
-                     echo=progress is None and rt.is_main)
-            log.metrics({"step": step, "tokens": step * tokens_per_step, "train_time_ms": round(trainer.train_time_ms, 3),
-                         "val_loss": val_loss})
-            if progress is not None:
-                progress.set_postfix(val_loss=f"{val_loss:.4f}")
-            trainer.synchronize()
-            t0 = time.perf_counter()
-        if last:
+    first = trainer.step
+    clock.start()
+    for step in range(first, steps + 1):
+        validating = step == steps or (t.val_every > 0 and step % t.val_every == 0)
+        saving = t.save_every > 0 and step % t.save_every == 0 and first < step < steps  # the end always saves
+        if validating or saving or step % t.log_every == 0:
+            step_log.flush(clock)
+        if validating or saving:
+            trainer.train_time_ms = clock.pause()
+            if saving:
+                checkpoint.save(run_dir, trainer.model, trainer.optimizers, trainer.state(), cfg, rt, keep=t.keep)
+            if validating:
+                val_loss = trainer.validate(step)
+                step_log.validation(step, val_loss, trainer.train_time_ms)
+            clock.start()
+        if step == steps:
             break
-        train_loss = trainer.train_step(step)
-        if not math.isfinite(train_loss):
-            raise TrainingDiverged(f"training loss became {train_loss} at step {step + 1}; the last good checkpoint "
-                                   f"(if any) is kept in {run_dir / 'checkpoints'}")
+        step_log.add(step + 1, trainer.train_step(step))
         trainer.step = step + 1
-        trainer.synchronize()
-        now_ms = trainer.train_time_ms + 1000 * (time.perf_counter() - t0)
-        record = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, "train_time_ms": round(now_ms, 3),
-                  "train_loss": train_loss, "lr": lr_multiplier(step, steps, cfg.optim)}
-        tokens_per_s = (step + 1) * tokens_per_step / (now_ms / 1000) if now_ms > 0 else 0.0
-        record["tokens_per_s"] = round(tokens_per_s, 1)
-        if peak is not None:
-            record["mfu"] = round(flops_per_token * tokens_per_s / (peak * rt.world_size), 4)
-        if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
-            log.metrics(record)
-            log.line(f"step:{step + 1}/{steps} train_time:{now_ms:.0f}ms step_avg:{now_ms / (step + 1):.2f}ms")
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{train_loss:.3f}")
-        if cfg.train.save_every > 0 and trainer.step % cfg.train.save_every == 0 and trainer.step < steps:
-            trainer.synchronize()
-            trainer.train_time_ms = now_ms
-            checkpoint.save(run_dir, trainer.model, trainer.optimizers, trainer.state(), cfg, rt, keep=cfg.train.keep)
-            t0 = time.perf_counter()
+        clock.mark(step + 1)
     if progress is not None:
         progress.close()
+    return _finish(trainer, log, run_dir, val_loss, warm)
+
+
+def _finish(trainer: Trainer, log: RunLog, run_dir: Path, val_loss: float, warm: float) -> dict:
+    cfg, rt = trainer.cfg, trainer.rt
     checkpoint.save(run_dir, trainer.model, trainer.optimizers, trainer.state(), cfg, rt, keep=cfg.train.keep)
-    summary = {"config": label or "custom", "final_val_loss": val_loss, "train_time_ms": round(trainer.train_time_ms, 3),
-               "steps": steps, "tokens": steps * tokens_per_step, "world_size": rt.world_size,
-               "peak_memory_mib": round(_peak_memory_mib(rt.device), 1), "warmup_s": round(warm, 2)}
+    summary = {"config": trainer.label or "custom", "final_val_loss": val_loss,
+               "train_time_ms": round(trainer.train_time_ms, 3), "steps": cfg.train.steps,
+               "tokens": cfg.train.steps * cfg.data.batch_tokens, "world_size": rt.world_size,
+               "peak_memory_mib": round(_peak_memory_mib(rt.device), 1), "warmup_s": round(warm, 2),
+               "path": execution_path(trainer)}
     if rt.is_main:
         summary["val_set"] = val_fingerprint(trainer.val_files, val_tokens=cfg.data.val_tokens, seq_len=cfg.data.val_seq_len)
         checkpoint.write_json(run_dir / "summary.json", summary)
         log.line(f"peak memory: {summary['peak_memory_mib']:.0f} MiB")
-        log.line(f"final val_loss:{val_loss:.4f} train_time:{trainer.train_time_ms / 1000:.1f}s steps:{steps} "
+        log.line(f"final val_loss:{val_loss:.4f} train_time:{trainer.train_time_ms / 1000:.1f}s steps:{cfg.train.steps} "
                  f"run dir: {run_dir}", echo=True)
     log.close()
     barrier()

@@ -11,6 +11,7 @@ import speedrun.attention
 from speedrun.attention import BOS_TOKEN, NO_WINDOW
 from speedrun.config import load_config
 from speedrun.model import GPT, Attention, rotary_tables
+from torch.utils._python_dispatch import TorchDispatchMode
 
 def tiny(**changes):
     """The tiny preset with random (not zero) output projections and head, so that every part of
@@ -46,16 +47,16 @@ def n_params(model):
 def test_gpt2_speedrun_parameter_count():
     with torch.device("meta"):
         model = GPT(load_config("gpt2-speedrun").model)
-    vocab, d, layers = 50304, 768, 12
-    table = vocab * d
+    vocab, padded, d, layers = 50257, 50304, 768, 12
+    table = vocab * d  # lookup tables have the vocabulary's rows; the head is padded to a multiple of 128
     attention = 3 * d * d + d * d  # fused qkv + output projection
     mlp = 2 * d * 4 * d
     scalars = (2 * layers  # x0 mixing, per block
                + 2 * 6 + 1 * 5  # value mixing: (a, b) in the 6 value-embedding layers, a in the 5 other attention layers
                + layers // 2)  # U-net skip weights
-    expected = table + 3 * table + 11 * attention + 12 * mlp + table + scalars
+    expected = table + 3 * table + 11 * attention + 12 * mlp + padded * d + scalars
     print(f"gpt2-speedrun parameters: {n_params(model):,} (expected {expected:,})")
-    assert n_params(model) == expected == 275_742_767
+    assert n_params(model) == expected == 275_598_383
     assert all(p.device.type == "meta" for p in model.parameters())
 
 
@@ -122,7 +123,7 @@ def test_int32_inputs():
 def test_tied_head_shares_storage():
     model = build(tiny(tied_head=True, zero_init_head=False))
     assert model.lm_head is None and model.head_weight is model.wte.weight
-    assert n_params(model) == n_params(build(tiny())) - 50304 * 128
+    assert n_params(model) == n_params(build(tiny())) - 50257 * 128  # one table fewer, with the head's padded rows
 
 
 def test_skip_attn_layers():
@@ -141,7 +142,7 @@ def test_value_embeds():
     assert [b.attn.v_mix.numel() for b in model.blocks] == [2, 2, 1, 1, 2, 2]
     without = build(tiny(value_embeds=0))
     assert len(without.value_embeds) == 0 and all(b.attn.v_mix is None for b in without.blocks)
-    assert n_params(model) - n_params(without) == 2 * 50304 * 128 + 4 * 2 + 2 * 1
+    assert n_params(model) - n_params(without) == 2 * 50257 * 128 + 4 * 2 + 2 * 1
 
 
 def test_value_embeddings_reach_the_output():
@@ -269,23 +270,64 @@ def test_meta_build_then_materialise():
     assert loss.item() == pytest.approx(math.log(50257), abs=1e-4)
 
 
-def test_bf16_embeddings_work():
-    model = build(tiny())
-    for m in model.modules():
-        if isinstance(m, torch.nn.Embedding):
-            m.bfloat16()
-    model.train()
-    loss = model(batch(T=128), batch(T=128, seed=1), window_tokens=128)
+class MatmulDtypes(TorchDispatchMode):
+    """Records the dtypes of the floating-point inputs of every matmul and attention kernel (for
+    attention its (B, H, T, D) operands; its backward also reads the float32 softmax statistics)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: dict[str, set] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__
+        attention = "scaled_dot_product" in name
+        if name.split(".")[0] in ("mm", "addmm", "bmm", "baddbmm") or attention:
+            dtypes = {a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()
+                      and (a.ndim == 4 or not attention)}
+            self.seen.setdefault(name.split(".")[0], set()).update(dtypes)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("positional,norm", [("rotary", "rms"), ("learned", "layernorm")])
+def test_bf16_mode_runs_every_matmul_and_attention_in_bf16(positional, norm):
+    """activation_dtype = bfloat16 without autocast, as the record runs: embedding tables stored in
+    bf16, and every matmul and attention call, forward and backward, gets bf16 inputs (a float32
+    one would mean a float32 residual stream, q or k somewhere)."""
+    cfg = tiny(activation_dtype="bfloat16", positional=positional, norm=norm, max_seq_len=128)
+    model = build(cfg).configure_for(torch.device("cpu")).train()
+    assert model.wte.weight.dtype == torch.bfloat16 and model.blocks[0].attn.qkv.dtype == torch.float32
+    with MatmulDtypes() as seen:
+        loss = model(batch(T=128), batch(T=128, seed=1), window_tokens=128)
+        loss.backward()
     assert loss.dtype == torch.float32 and loss.isfinite()
-    loss.backward()
+    assert "mm" in seen.seen
+    assert any("scaled_dot_product" in name for name in seen.seen)
+    assert all(dtypes == {torch.bfloat16} for dtypes in seen.seen.values()), seen.seen
     assert model.wte.weight.grad.dtype == torch.bfloat16 and model.blocks[0].attn.qkv.grad.dtype == torch.float32
 
 
+def test_float32_mode_keeps_float32():
+    model = build(tiny()).configure_for(torch.device("cpu"))  # auto: float32 off CUDA
+    assert model.activation_dtype == torch.float32 and model.wte.weight.dtype == torch.float32
+    with MatmulDtypes() as seen:
+        model(batch(T=128), batch(T=128, seed=1), window_tokens=128)
+    assert all(dtypes == {torch.float32} for dtypes in seen.seen.values()), seen.seen
+
+
 def test_fp8_switch():
-    assert not GPT(tiny(fp8_head="off")).use_fp8
-    assert GPT(tiny(fp8_head="on")).use_fp8
-    expected = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
-    assert GPT(tiny(fp8_head="auto")).use_fp8 == expected
+    cpu = torch.device("cpu")
+    assert not GPT(tiny(fp8_head="off")).configure_for(cpu).use_fp8
+    assert GPT(tiny(fp8_head="on")).configure_for(cpu).use_fp8
+    assert not GPT(tiny(fp8_head="auto")).configure_for(cpu).use_fp8  # no FP8 tensor cores on a CPU
+
+
+def test_lookup_tables_have_the_vocabulary_rows():
+    """As the record: 50,257 rows in every lookup table, the head padded to 50,304; a tied table
+    is the head too, so it keeps the padding."""
+    model = GPT(tiny())
+    assert model.wte.num_embeddings == 50257 and model.value_embeds[0].num_embeddings == 50257
+    assert model.lm_head.weight.shape[0] == 50304
+    assert GPT(tiny(tied_head=True, zero_init_head=False)).wte.num_embeddings == 50304
 
 
 def test_flex_and_sdpa_models_agree(monkeypatch):
@@ -349,22 +391,18 @@ def test_compiled_flex_model_on_cpu(monkeypatch):
 
 @pytest.mark.gpu
 def test_bf16_training_step_on_cuda():
-    """One eager step of the tiny model as the trainer runs it: bf16 autocast, bf16 embeddings,
+    """One eager step of the tiny model as the trainer runs it: bf16 activations, bf16 embeddings,
     FlexAttention, and the FP8 head where the GPU has it; FlexAttention matches SDPA."""
     torch.manual_seed(0)
-    model = GPT(tiny()).cuda().train()
-    for m in model.modules():
-        if isinstance(m, torch.nn.Embedding):
-            m.bfloat16()
+    model = GPT(tiny()).configure_for(torch.device("cuda")).train()
     idx = batch(B=4, T=256, bos=[17, 140]).cuda()
     window = torch.tensor(128, dtype=torch.int32, device="cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = model(idx.int(), idx.roll(-1, 1), window_tokens=window)
+    loss = model(idx.int(), idx.roll(-1, 1), window_tokens=window)
     loss.backward()
     assert loss.isfinite() and all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
     model.eval()
-    sdpa = GPT(tiny(attention="sdpa")).cuda().eval()
+    sdpa = GPT(tiny(attention="sdpa")).configure_for(torch.device("cuda")).eval()
     sdpa.load_state_dict(model.state_dict())
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.no_grad():
         a, b = model(idx, None, window_tokens=window), sdpa(idx, None, window_tokens=window)
     torch.testing.assert_close(a, b, atol=0.1, rtol=0.05)
