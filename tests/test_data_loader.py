@@ -54,13 +54,15 @@ def global_batches(group, steps):
     return out
 
 
+@pytest.mark.parametrize("boundary", ["sequence", "batch"])
 @pytest.mark.parametrize("bos_aligned", [False, True])
-def test_global_batch_is_the_same_for_any_world_size_and_accumulation(train_files, bos_aligned):
+def test_global_batch_is_the_same_for_any_world_size_and_accumulation(train_files, bos_aligned, boundary):
     steps = 14  # several epochs of this small stream
-    reference = global_batches(loaders(train_files, 1, 8, bos_aligned=bos_aligned, seed=3), steps)
+    kw = dict(bos_aligned=bos_aligned, seed=3, shard_boundary=boundary)
+    reference = global_batches(loaders(train_files, 1, 8, **kw), steps)
     assert all(b.shape == (8, SEQ + 1) for b in reference)
     for world_size, micro in LAYOUTS[1:]:
-        group = loaders(train_files, world_size, micro, bos_aligned=bos_aligned, seed=3)
+        group = loaders(train_files, world_size, micro, **kw)
         assert group[0].grad_accum == 8 // (world_size * micro)
         got = global_batches(group, steps)
         assert all(torch.equal(a, b) for a, b in zip(reference, got)), (world_size, micro)
@@ -109,16 +111,18 @@ def test_bos_aligned_rule_skips_to_the_next_document_after_the_last_target(train
         assert np.array_equal(batch[k], stream[s:s + SEQ + 1])
 
 
+@pytest.mark.parametrize("boundary", ["sequence", "batch"])
 @pytest.mark.parametrize("bos_aligned", [False, True])
-def test_state_restores_the_exact_position_even_under_another_world_size(train_files, bos_aligned):
-    (original,) = loaders(train_files, 1, 8, bos_aligned=bos_aligned, seed=5)
+def test_state_restores_the_exact_position_even_under_another_world_size(train_files, bos_aligned, boundary):
+    kw = dict(bos_aligned=bos_aligned, seed=5, shard_boundary=boundary)
+    (original,) = loaders(train_files, 1, 8, **kw)
     global_batches([original], 6)
     state = json.loads(json.dumps(original.state_dict()))
     assert state["step"] == 6 and state["epoch"] == original.epoch >= 1
     expected = global_batches([original], 6)
 
     for world_size, micro in [(1, 8), (2, 2), (4, 1)]:
-        resumed = loaders(train_files, world_size, micro, bos_aligned=bos_aligned, seed=5)
+        resumed = loaders(train_files, world_size, micro, **kw)
         for loader in resumed:
             loader.load_state_dict(state)
         assert all(torch.equal(a, b) for a, b in zip(expected, global_batches(resumed, 6)))
@@ -140,6 +144,12 @@ def test_state_from_another_setup_is_refused(train_files):
         loaders(train_files, 1, 8, seed=2)[0].load_state_dict(state)
     with pytest.raises(DataError, match="train shards"):
         loaders(train_files[:2], 1, 8, seed=1)[0].load_state_dict(state)
+    with pytest.raises(UsageError, match="shard_boundary = sequence"):
+        loaders(train_files, 1, 8, seed=1, shard_boundary="batch")[0].load_state_dict(state)
+    del state["shard_boundary"]  # a state saved before the option existed was "sequence"
+    loaders(train_files, 1, 8, seed=1)[0].load_state_dict(state)
+    with pytest.raises(UsageError, match="shard_boundary"):
+        loaders(train_files, 1, 8, seed=1, shard_boundary="batch")[0].load_state_dict(state)
 
 
 def test_bad_layouts_and_too_short_shards(tmp_path, train_files):
@@ -151,6 +161,105 @@ def test_bad_layouts_and_too_short_shards(tmp_path, train_files):
     no_docs = shards.write_shard(tmp_path / "n_train_000000.bin", np.ones(100, dtype=np.uint16))
     with pytest.raises(DataError, match="document boundary"):
         TrainLoader([no_docs], seq_len=SEQ, micro_batch_seqs=1, batch_tokens=SEQ, bos_aligned=True).next_batch()
+    with pytest.raises(UsageError, match="shard_boundary"):
+        TrainLoader(train_files, seq_len=SEQ, micro_batch_seqs=1, batch_tokens=BATCH, shard_boundary="shard")
+
+
+# -- shard_boundary = "batch": the record's whole-batch rule --------------------------------------
+
+POSITION_SHARDS = [385, 130, 129, 386, 60, 300]  # 385 = 2·BATCH + BATCH + 1: the third batch is skipped
+
+
+@pytest.fixture
+def position_files(tmp_path):
+    """Shards whose token at position p of shard i is 1000·i + p, so a row says where it was cut."""
+    return [shards.write_shard(tmp_path / f"p_train_{i:06d}.bin", (1000 * i + np.arange(n)).astype(np.uint16))
+            for i, n in enumerate(POSITION_SHARDS)]
+
+
+def record_batches(walk, batch):
+    """(shard, pos) of each batch by the record's rule, over `walk`: (shard, start offset) pairs."""
+    out = []
+    for shard, offset in walk:
+        pos = offset
+        while True:
+            if pos + batch + 1 >= POSITION_SHARDS[shard]:
+                break  # the record moves on to the next shard
+            out.append((shard, pos))
+            pos += batch
+    return out
+
+
+def expected_rows(shard, pos):
+    return torch.from_numpy(np.stack([1000 * shard + pos + k * SEQ + np.arange(SEQ + 1) for k in range(8)]))
+
+
+def test_batch_boundary_follows_the_record_rule_for_any_world_size(position_files):
+    steps = 20  # past the end of epoch 0 (8 batches) into epoch 2
+    plans = [loaders(position_files, 1, 8, seed=4, shard_boundary="batch")[0]._epoch_plan(e) for e in range(3)]
+    walk = [(shard, offset) for order, offset in plans for shard in order]
+    reference = record_batches(walk, BATCH)
+    assert reference[:8] == [(0, 0), (0, 128), (1, 0), (3, 0), (3, 128), (3, 256), (5, 0), (5, 128)]
+    for world_size, micro in [(1, 8), (2, 4), (2, 1), (4, 2), (4, 1)]:
+        group = loaders(position_files, world_size, micro, seed=4, shard_boundary="batch")
+        got = global_batches(group, steps)
+        for step, batch in enumerate(got):
+            assert torch.equal(batch, expected_rows(*reference[step])), (world_size, micro, step)
+        assert group[0].epoch == 2
+
+
+def test_sequence_boundary_still_takes_what_the_batch_rule_skips(position_files):
+    (loader,) = loaders(position_files, 1, 8)
+    got = global_batches([loader], 6)
+    assert torch.equal(got[2], expected_rows(0, 256))  # tokens 256..384 of shard 0: exactly BATCH + 1 left
+    assert torch.equal(got[4], expected_rows(2, 0))  # shard 2 holds exactly BATCH + 1 tokens
+    assert torch.equal(got[5], expected_rows(3, 0))
+
+
+def test_batch_boundary_resumes_mid_shard_under_another_world_size(position_files):
+    (original,) = loaders(position_files, 1, 8, seed=2, shard_boundary="batch")
+    global_batches([original], 4)  # the next batch is the second of shard 3
+    state = json.loads(json.dumps(original.state_dict()))
+    assert state["shard_boundary"] == "batch" and (state["shard"], state["sequence"]) == (3, 8)
+    expected = global_batches([original], 10)
+    assert torch.equal(expected[0], expected_rows(3, 128))
+    for world_size, micro in [(1, 8), (2, 4), (4, 1)]:
+        resumed = loaders(position_files, world_size, micro, seed=2, shard_boundary="batch")
+        for loader in resumed:
+            loader.load_state_dict(state)
+        assert all(torch.equal(a, b) for a, b in zip(expected, global_batches(resumed, 10)))
+
+
+def test_bos_aligned_batches_never_span_shards(train_files):
+    expected, remainders = [], []
+    for f in train_files:
+        # every BOS-aligned sequence start of this shard, as the single-shard sequence-mode stream yields them
+        starts = TrainLoader([f], seq_len=SEQ, micro_batch_seqs=1, batch_tokens=SEQ, bos_aligned=True)._load(0, 0).starts
+        stream = np.asarray(shards.read_shard(f), dtype=np.int32)
+        for b in range(len(starts) // 4):  # a remainder short of a batch is skipped
+            expected.append(np.stack([stream[s:s + SEQ + 1] for s in starts[4 * b:4 * b + 4]]))
+        remainders.append(len(starts) % 4)
+    assert any(remainders)  # so something is skipped
+    loader = TrainLoader(train_files, seq_len=SEQ, micro_batch_seqs=4, batch_tokens=4 * SEQ, bos_aligned=True,
+                         shard_boundary="batch")
+    for want in expected:
+        (pair,) = loader.next_batch()
+        assert np.array_equal(rows(*pair).numpy(), want)
+    assert loader.epoch == 0
+
+
+def test_no_shard_holding_a_whole_batch_is_an_error(tmp_path):
+    exact = shards.write_shard(tmp_path / "e_train_000000.bin", np.ones(BATCH + 1, dtype=np.uint16))
+    (loader,) = loaders([exact], 1, 8, shard_boundary="batch")
+    with pytest.raises(DataError, match=f"no train shard holds a batch of {BATCH + 1} tokens"):
+        loader.next_batch()
+    enough = shards.write_shard(tmp_path / "e_train_000001.bin", np.ones(BATCH + 2, dtype=np.uint16))
+    (loader,) = loaders([exact, enough], 1, 8, shard_boundary="batch")
+    assert rows(*loader.next_batch()[0]).shape == (8, SEQ + 1)
+    docs = shards.write_shard(tmp_path / "d_train_000000.bin", np.full(8 * SEQ, EOT, dtype=np.uint16))  # 7 windows
+    (loader,) = loaders([docs], 1, 8, bos_aligned=True, shard_boundary="batch")
+    with pytest.raises(DataError, match=f"no train shard holds a batch of {BATCH} tokens"):
+        loader.next_batch()
 
 
 @pytest.fixture

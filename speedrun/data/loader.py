@@ -6,7 +6,16 @@ next batch_tokens / seq_len sequences of that stream whatever the world size W: 
 and micro-batches of B sequences, rank r's micro-step a takes the B sequences starting at
 (a·W + r)·B, so the union over ranks and micro-steps is the same global batch for every (W, A).
 
-Flat mode: sequence k of a shard starts at token offset + k·seq_len.
+shard_boundary says whether a batch may span two shards:
+- "sequence": a batch may take the end of one shard and the start of the next.
+- "batch" (the record's loader): a batch never spans two shards. In flat mode the batch at position
+  pos of a shard is tokens[pos : pos + batch_tokens + 1] and is taken only if
+  pos + batch_tokens + 1 < len(shard) (strictly: the record moves on when the sum is >=), then pos
+  advances by batch_tokens; the rest of the shard is skipped. In BOS-aligned mode a batch takes its
+  sequences from one shard, skipping to the next when fewer than a batch's worth remain.
+
+Flat mode: sequence k of a shard starts at token offset + k·seq_len (in "batch" mode only as many as
+fill whole batches by the rule above).
 BOS-aligned mode: a sequence starts at a document's <|endoftext|> and runs on for seq_len + 1
 tokens through as many documents as fit; the next sequence starts at the first document that begins
 at or after this one's last target token. So no token is an input twice, and the tail of the last
@@ -34,6 +43,7 @@ from speedrun.data.tokenizer import EOT
 from speedrun.errors import DataError, UsageError
 
 STATE_VERSION = 1
+SHARD_BOUNDARIES = ("batch", "sequence")
 
 
 def find_shards(data_dir: str | Path, train_pattern: str, val_pattern: str) -> tuple[list[Path], list[Path]]:
@@ -72,7 +82,7 @@ class _Shard:
 class TrainLoader:
     def __init__(self, files: list[str | Path], *, seq_len: int, micro_batch_seqs: int, batch_tokens: int,
                  rank: int = 0, world_size: int = 1, bos_aligned: bool = False,
-                 device: torch.device | str | None = None, seed: int = 0):
+                 device: torch.device | str | None = None, seed: int = 0, shard_boundary: str = "sequence"):
         if not files:
             raise DataError("no train shards given")
         if seq_len <= 0 or micro_batch_seqs <= 0 or batch_tokens <= 0:
@@ -80,6 +90,8 @@ class TrainLoader:
                              f"({batch_tokens}) must be positive")
         if not 0 <= rank < world_size:
             raise UsageError(f"rank {rank} is outside world size {world_size}")
+        if shard_boundary not in SHARD_BOUNDARIES:
+            raise UsageError(f"shard_boundary must be one of {', '.join(SHARD_BOUNDARIES)}; got '{shard_boundary}'")
         per_micro = seq_len * micro_batch_seqs * world_size
         if batch_tokens % per_micro:
             raise UsageError(f"batch_tokens ({batch_tokens}) is not divisible by seq_len {seq_len} × micro_batch_seqs "
@@ -89,7 +101,7 @@ class TrainLoader:
             shards.read_header(f)
         self.seq_len, self.micro_batch_seqs, self.batch_tokens = seq_len, micro_batch_seqs, batch_tokens
         self.rank, self.world_size = rank, world_size
-        self.bos_aligned, self.seed = bos_aligned, seed
+        self.bos_aligned, self.seed, self.shard_boundary = bos_aligned, seed, shard_boundary
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.grad_accum = batch_tokens // per_micro
         self.seqs_per_step = batch_tokens // seq_len
@@ -97,6 +109,7 @@ class TrainLoader:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speedrun-shards")
         self._loaded: dict[tuple[int, int], Future] = {}
         self._lock = threading.Lock()
+        self._usable: bool | None = None  # see _any_shard_usable
 
     # -- the stream -----------------------------------------------------------------------------
 
@@ -113,7 +126,7 @@ class TrainLoader:
         if not self.bos_aligned:
             if isinstance(tokens.base, mmap.mmap) and hasattr(mmap, "MADV_WILLNEED"):
                 tokens.base.madvise(mmap.MADV_WILLNEED)  # start reading the shard in before it is needed
-            return _Shard(tokens, np.arange(offset, tokens.size - self.seq_len, self.seq_len, dtype=np.int64))
+            return _Shard(tokens, self._flat_starts(tokens.size, offset))
         bos = np.flatnonzero(tokens == EOT)
         following = np.searchsorted(bos, bos + self.seq_len).tolist()
         bos_list = bos.tolist()
@@ -123,6 +136,15 @@ class TrainLoader:
             starts.append(bos_list[i])
             i = following[i]
         return _Shard(tokens, np.asarray(starts, dtype=np.int64))
+
+    def _flat_starts(self, size: int, offset: int) -> np.ndarray:
+        if self.shard_boundary == "sequence":
+            return np.arange(offset, size - self.seq_len, self.seq_len, dtype=np.int64)
+        # The record's rule keeps one token to spare (pos + B + 1 < size, not <=); matching it exactly
+        # keeps our batches token for token the record's.
+        batch = self.batch_tokens
+        batches = len(range(offset, size - batch - 1, batch))
+        return np.arange(offset, offset + batches * batch, self.seq_len, dtype=np.int64)
 
     def _next_position(self, epoch: int, index: int) -> tuple[int, int]:
         return (epoch, index + 1) if index + 1 < len(self.files) else (epoch + 1, 0)
@@ -143,16 +165,17 @@ class TrainLoader:
     def _take(self, count: int) -> list[tuple[np.ndarray, int]]:
         """The next `count` sequences of the global stream, as (shard tokens, start)."""
         taken: list[tuple[np.ndarray, int]] = []
+        # In "batch" mode a shard with fewer than a whole batch left is skipped, so a batch is never split.
+        need = count if self.shard_boundary == "batch" else 1
         empty_run = 0
         while len(taken) < count:
             shard = self._get(self._epoch, self._shard)
             available = shard.starts.size - self._seq
-            if available <= 0:
-                empty_run = 0 if shard.starts.size else empty_run + 1
-                if empty_run > len(self.files):
-                    what = "starting at a document boundary " if self.bos_aligned else ""
-                    raise DataError(f"no train shard holds a sequence of {self.seq_len + 1} tokens {what}"
-                                    f"(first shard: {self.files[0]})")
+            if available < need:
+                empty_run = 0 if shard.starts.size >= need else empty_run + 1
+                # A run of empty shards can span epochs with unlucky offsets, so only epoch 0 proves none is usable.
+                if empty_run > len(self.files) and not self._any_shard_usable(need):
+                    raise DataError(f"no train shard holds {self._unit()} (first shard: {self.files[0]})")
                 self._epoch, self._shard = self._next_position(self._epoch, self._shard)
                 self._seq = 0
                 continue
@@ -160,6 +183,23 @@ class TrainLoader:
             taken.extend((shard.tokens, int(s)) for s in shard.starts[self._seq:self._seq + n])
             self._seq += n
         return taken
+
+    def _any_shard_usable(self, need: int) -> bool:
+        """Whether some shard yields `need` sequences from offset 0. No later start yields more (flat:
+        fewer windows fit; BOS: each sequence of the chain starts no earlier), so if none does, no epoch will."""
+        if self._usable is None:
+            self._usable = any(self._load(0, i).starts.size >= need for i in range(len(self.files)))
+        return self._usable
+
+    def _unit(self) -> str:
+        """What a shard must hold to yield anything, for the error when none does."""
+        if self.shard_boundary == "sequence":
+            what = " starting at a document boundary" if self.bos_aligned else ""
+            return f"a sequence of {self.seq_len + 1} tokens{what}"
+        if self.bos_aligned:
+            return (f"a batch of {self.batch_tokens} tokens ({self.seqs_per_step} sequences of {self.seq_len + 1} "
+                    f"tokens, each starting at a document boundary)")
+        return f"a batch of {self.batch_tokens + 1} tokens plus the spare token that shard_boundary = batch asks for"
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -191,13 +231,14 @@ class TrainLoader:
         """The exact stream position, independent of rank and world size."""
         return {"version": STATE_VERSION, "step": self._step, "epoch": self._epoch, "shard": self._shard,
                 "sequence": self._seq, "seed": self.seed, "seq_len": self.seq_len, "bos_aligned": self.bos_aligned,
-                "files": [f.name for f in self.files]}
+                "shard_boundary": self.shard_boundary, "files": [f.name for f in self.files]}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
             raise DataError(f"data loader state has version {state.get('version')}, expected {STATE_VERSION}")
         mine = self.state_dict()
-        for key in ("seed", "seq_len", "bos_aligned"):
+        state = {"shard_boundary": "sequence", **state}  # states saved before the option existed were "sequence"
+        for key in ("seed", "seq_len", "bos_aligned", "shard_boundary"):
             if state[key] != mine[key]:
                 raise UsageError(f"cannot resume the data stream: it was saved with {key} = {state[key]}, "
                                  f"this run has {mine[key]}")
