@@ -115,7 +115,7 @@ class TrainConfig:
     compile: bool = True
     device: str = "auto"  # auto | cpu | cuda
     warmup_steps_untimed: int = 10  # compile warm-up steps whose effects are undone
-    log_every: int = 1
+    log_every: int = 1  # steps between fetches of the losses from the device (a host sync); every step is logged
     save_every: int = 0
     keep: int = 2
     target_val_loss: float = 3.28
