@@ -84,3 +84,16 @@ def test_cli_presets_lists_each_with_a_description():
     lines = r.stdout.strip().splitlines()
     assert len(lines) == len(preset_names())
     assert all(len(line.split(None, 1)) == 2 for line in lines)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.n_head=4", "'model.n_head' × 'model.head_dim' (4 × 64 = 256) must equal 'model.model_dim' (128)"),
+    ("model.skip_attn_layers=[6]", "'model.skip_attn_layers' names layers [6] outside 0..5"),
+    ("model.fp8_scales=[1.0, 2.0]", "'model.fp8_scales' must be three positive numbers [x, w, grad], got [1.0, 2.0]"),
+])
+def test_cli_shape_errors_are_one_line_before_any_work(override, message):
+    """Shapes that cannot build a model are config errors (exit 2), not a traceback from the model."""
+    r = subprocess.run([sys.executable, "-m", "speedrun", "train", "--preset", "tiny", "--set", override],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"speedrun train: error: {message}"]
