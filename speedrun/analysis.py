@@ -9,7 +9,6 @@ import datetime
 import json
 import math
 import tomllib
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,6 +198,23 @@ def check_same_setup(runs: list[Run]) -> None:
                              f"({_describe_val_set(_val_set(first))} vs {_describe_val_set(_val_set(r))})")
 
 
+def check_independent(runs: list[Run]) -> None:
+    """A t-test over repeats needs independent repeats: the same run directory twice, or two runs
+    of one seed (the same run again, whatever nondeterminism adds), is one piece of evidence."""
+    seen: dict = {}
+    for r in runs:
+        if r.path.resolve() in seen:
+            raise UsageError(f"run {r.path} is given twice ({seen[r.path.resolve()].name}); each run counts once")
+        seen[r.path.resolve()] = r
+    seeds: dict = {}
+    for r in runs:
+        seed = r.config.get("train", {}).get("seed")
+        if seed in seeds:
+            raise UsageError(f"runs {seeds[seed].name} and {r.name} have the same seed ({seed}): repeats of one seed "
+                             "are not independent evidence; give each repeat its own --seed")
+        seeds[seed] = r
+
+
 def record_stats(runs: list[Run], target: float, alpha: float) -> dict:
     import numpy as np
     from scipy import stats
@@ -206,19 +222,19 @@ def record_stats(runs: list[Run], target: float, alpha: float) -> dict:
     if len(runs) < 2:
         raise UsageError(f"a record needs at least 2 runs for its t-test, got {len(runs)}")
     check_same_setup(runs)
+    check_independent(runs)
     for r in runs:
         if not math.isfinite(r.summary["final_val_loss"]):
             raise DataError(f"{r.path / 'summary.json'}: final val loss is {r.summary['final_val_loss']} (diverged run)")
     losses = np.array([r.summary["final_val_loss"] for r in runs], dtype=np.float64)
+    if losses.std() == 0:
+        raise UsageError(f"every run's final val loss is {losses[0]:.6g}: with zero variance a t-test says nothing; "
+                         "check that the runs really differ in seed")
     times_s = np.array([r.summary["train_time_ms"] / 1000 for r in runs], dtype=np.float64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # identical losses: t is undefined, p comes back nan
-        test = stats.ttest_1samp(losses, target, alternative="less")
+    test = stats.ttest_1samp(losses, target, alternative="less")
     p = float(test.pvalue)
-    significant = bool(p < alpha)  # nan compares False
+    significant = bool(p < alpha)
     verdict = f"record holds: p = {p:.4g} < {alpha:g}" if significant else f"not significant: p = {p:.4g} ≥ {alpha:g}"
-    if math.isnan(p):
-        verdict = "not significant: the losses are identical, so the t-test is undefined"
     mtimes = [(r.path / "summary.json").stat().st_mtime for r in runs]
     date = datetime.date.fromtimestamp(max(mtimes)).isoformat()
     result = {

@@ -129,10 +129,20 @@ def save(run_dir: Path, model: torch.nn.Module, optimizers: list, state: dict, c
     return final
 
 
+def read_state(ckpt: Path) -> dict:
+    """state.json: step, clock, loader position, world size."""
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        int(state["step"]), int(state["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{ckpt / 'state.json'}: not a readable checkpoint state ({_first_line(e)})") from None
+    return state
+
+
 def load(ckpt: Path, model: torch.nn.Module, optimizers: list, rt: Runtime) -> dict:
     """Restore weights, optimizer and RNG states in place; return the trainer state (step, clock,
     loader position)."""
-    state = json.loads((ckpt / "state.json").read_text())
+    state = read_state(ckpt)
     try:
         load_model(model, str(ckpt / "model.safetensors"), strict=True)
     except Exception as e:  # safetensors raises several types; all mean the same thing here

@@ -11,15 +11,15 @@ import os
 import resource
 import sys
 import time
-from datetime import datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from speedrun import checkpoint
+from speedrun import checkpoint, rundir
 from speedrun.attention import use_flex, window_tokens
-from speedrun.config import Config, grad_accum_steps, load_config, scale_steps, to_dict, to_toml
+from speedrun.config import SECTIONS, Config, grad_accum_steps, load_config, scale_steps, to_dict, to_toml, validate
 from speedrun.data.corpus import builtin_corpus_dir, cache_root
 from speedrun.data.loader import TrainLoader, find_shards, val_batches, val_fingerprint
 from speedrun.distributed import (GradientAverager, Runtime, all_reduce_sum, backend_name, barrier, broadcast_parameters,
@@ -61,11 +61,20 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def _run_dir(out: str | None, rt: Runtime) -> Path:
-    name = [out or f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
+def _run_dir(out: str | None, resume: str | None, overwrite: bool, rt: Runtime) -> Path:
+    """Rank 0 chooses and checks the run directory (rundir.prepare); every rank gets its answer,
+    so that all of them raise the same error or write to the same place."""
+    answer: list = [None, None]
+    if rt.is_main:
+        try:
+            answer[0] = str(rundir.prepare(out, resume, overwrite))
+        except UsageError as e:
+            answer[1] = str(e)
     if rt.distributed:
-        dist.broadcast_object_list(name, src=0)  # ranks' clocks may disagree on the timestamp
-    return Path(name[0])
+        dist.broadcast_object_list(answer, src=0)
+    if answer[1] is not None:
+        raise UsageError(answer[1])
+    return Path(answer[0])
 
 
 def _data_files(cfg: Config):
@@ -303,33 +312,87 @@ def _peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run(cfg: Config, out: str | None = None, resume: str | None = None, label: str = "", *,
-        tensorboard: bool = False, wandb: bool = False) -> dict:
+@dataclass
+class RunOptions:
+    """How `speedrun train` was asked to run, beyond the config itself."""
+    out: str | None = None
+    resume: str | None = None  # a run or checkpoint directory, or "auto"
+    overwrite: bool = False
+    label: str = ""
+    tensorboard: bool = False
+    wandb: bool = False
+    # config keys the command line asked for: on resume they are checked against the checkpoint's
+    asked: set[str] = field(default_factory=set)
+
+
+# What may differ from the checkpoint's config on resume: where the data lives, how long the run is
+# (its schedules then follow the new length from the resume point), and how it is logged and run.
+RESUMABLE = {"data.dir", "train.steps", "train.val_every", "train.save_every", "train.keep", "train.log_every",
+             "train.compile", "train.device"}
+STEP_SCALED = {"optim.muon_momentum_warmup_steps", "optim.warmup_steps"}  # what scale_steps changes besides
+
+
+def _get(cfg: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def resumed_config(saved: Config, asked: Config, keys: set[str]) -> tuple[Config, list[str]]:
+    """The checkpoint's config with the asked changes among `keys` applied, and a line per change;
+    a change outside RESUMABLE is refused, naming it."""
+    allowed, notes = set(RESUMABLE), []
+    if "train.steps" in keys and asked.train.steps != saved.train.steps:
+        notes.append(f"train.steps: {saved.train.steps} -> {asked.train.steps} (schedules follow the new length)")
+        scale_steps(saved, asked.train.steps)  # as --steps does
+        allowed |= STEP_SCALED  # a preset scaled to the new length may round them differently
+    keys = keys | ({f"{sec}.{k}" for sec in SECTIONS for k in to_dict(asked)[sec]} if "*" in keys else set())
+    changed = sorted(k for k in keys - {"*"} if _get(saved, k) != _get(asked, k))
+    refused = [k for k in changed if k not in allowed]
+    if refused:
+        raise UsageError(f"--resume continues the checkpoint's config, and {', '.join(refused)} cannot change on "
+                         f"resume (what can: {', '.join(sorted(RESUMABLE))})")
+    notes += [f"{k}: {_get(saved, k)!r} -> {_get(asked, k)!r}" for k in changed]
+    for k in changed:
+        section, name = k.split(".")
+        setattr(getattr(saved, section), name, _get(asked, k))
+    validate(saved)
+    return saved, notes
+
+
+def run(cfg: Config, options: RunOptions) -> dict:
     rt = setup(cfg.train.device)
     try:
-        return _run(cfg, rt, out, resume, label, tensorboard, wandb)
+        return _run(cfg, rt, options)
     finally:
         teardown()
 
 
-def _start(cfg: Config, rt: Runtime, run_dir: Path, resume: str | None, label: str, tensorboard: bool,
-           wandb: bool) -> tuple[Config, Trainer, RunLog]:
+def _resume(cfg: Config, run_dir: Path, options: RunOptions) -> tuple[Config, Path | None, list[str]]:
+    resume_from = checkpoint.find_resume(run_dir, options.resume) if options.resume else None
+    if resume_from is None:
+        return cfg, None, []
+    saved = checkpoint.read_config(resume_from)
+    step = checkpoint.read_state(resume_from)["step"]
+    cfg, notes = resumed_config(saved, cfg, options.asked)
+    if cfg.train.steps < step:
+        raise UsageError(f"--steps {cfg.train.steps}: the checkpoint {resume_from} is already at step {step}")
+    return cfg, resume_from, notes
+
+
+def _start(cfg: Config, rt: Runtime, run_dir: Path, options: RunOptions) -> tuple[Config, Trainer, RunLog]:
     """The trainer (resumed if asked) and the run's log, with its header written."""
-    resume_from = checkpoint.find_resume(run_dir, resume) if resume else None
-    if resume_from is not None:
-        cfg = checkpoint.read_config(resume_from)
-    trainer = Trainer(cfg, rt, label)
+    cfg, resume_from, notes = _resume(cfg, run_dir, options)
+    trainer = Trainer(cfg, rt, options.label)
     if resume_from is not None:
         saved = checkpoint.load(resume_from, trainer.model, trainer.optimizers, rt)
         trainer.load_state(saved)
-        trainer.label = saved.get("label", label)
+        trainer.label = saved.get("label", options.label)
         if rt.is_main:
             checkpoint.truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
-    log = RunLog(run_dir if rt.is_main else None, append=resume_from is not None, tensorboard=tensorboard,
-                 wandb=wandb, config=to_dict(cfg))
+    log = RunLog(run_dir if rt.is_main else None, append=resume_from is not None, tensorboard=options.tensorboard,
+                 wandb=options.wandb, config=to_dict(cfg))
     if rt.is_main:
-        if not (run_dir / "config.toml").exists():
-            (run_dir / "config.toml").write_text(to_toml(cfg))
+        (run_dir / "config.toml").write_text(to_toml(cfg))
         path = execution_path(trainer)
         log.header(rt.device, rt.world_size, [
             f"config: {trainer.label or 'custom'}  data: {trainer.data_dir}",
@@ -337,6 +400,7 @@ def _start(cfg: Config, rt: Runtime, run_dir: Path, resume: str | None, label: s
             f"tokens/step: {cfg.data.batch_tokens:,}",
             "path: " + "  ".join(f"{k}: {v}" for k, v in path.items() if k not in ("torch", "cuda", "device", "world_size")),
             *([f"resumed from {resume_from} at step {trainer.step}"] if resume_from else []),
+            *[f"changed on resume: {note}" for note in notes],
         ])
     return cfg, trainer, log
 
@@ -355,10 +419,9 @@ def _warm_up(trainer: Trainer, log: RunLog) -> float:
     return warm
 
 
-def _run(cfg: Config, rt: Runtime, out: str | None, resume: str | None, label: str, tensorboard: bool,
-         wandb: bool) -> dict:
-    run_dir = _run_dir(out, rt)
-    cfg, trainer, log = _start(cfg, rt, run_dir, resume, label, tensorboard, wandb)
+def _run(cfg: Config, rt: Runtime, options: RunOptions) -> dict:
+    run_dir = _run_dir(options.out, options.resume, options.overwrite, rt)
+    cfg, trainer, log = _start(cfg, rt, run_dir, options)
     warm = _warm_up(trainer, log)
     steps, t = cfg.train.steps, cfg.train
     progress = None
@@ -421,7 +484,9 @@ def register(sub) -> None:
     p.add_argument("--config", help="a TOML config file (may name its base preset with preset = \"...\")")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key, e.g. --set model.n_layer=4 (repeatable)")
     p.add_argument("--data", help="directory of .bin shards (default: the preset's data.dir; empty means the built-in corpus)")
-    p.add_argument("--out", help="run directory (default runs/<timestamp>)")
+    p.add_argument("--out", help="run directory (default runs/<timestamp>, or the resumed run's); one that already "
+                                 "holds a run is refused unless --resume or --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="delete the results already in --out before training")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     p.add_argument("--seed", type=int)
@@ -429,17 +494,30 @@ def register(sub) -> None:
     p.add_argument("--val-every", type=int, help="validate every N steps (0: only at the end)")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps (a checkpoint is always written at the end)")
     p.add_argument("--keep", type=int, help="keep the last N checkpoints (0: all)")
-    p.add_argument("--resume", metavar="DIR|auto", help="continue from a run or checkpoint directory; 'auto': the "
-                                                        "latest checkpoint in --out, or a fresh start if there is none")
+    p.add_argument("--resume", metavar="DIR|auto", help="continue from a run or checkpoint directory with its config; "
+                                                        "'auto': the latest checkpoint in --out, or a fresh start if "
+                                                        "there is none. Only the data location, --steps, intervals, "
+                                                        "--compile and --device may change; other changes are refused")
     p.add_argument("--tensorboard", action="store_true", help="also log metrics to RUN_DIR/tensorboard")
     p.add_argument("--wandb", action="store_true", help="also log metrics to Weights & Biases (offline without credentials)")
     p.set_defaults(func=_cmd_train)
+
+
+def asked_keys(args: argparse.Namespace) -> set[str]:
+    """The config keys the command line names. A --preset or --config names every key ("*")."""
+    keys = {text.split("=", 1)[0].strip() for text in args.set or []}
+    keys |= {key for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
+    keys |= {key for flag, key in (("steps", "train.steps"), ("val_every", "train.val_every"))
+             if getattr(args, flag) is not None}
+    return keys | ({"*"} if args.preset or args.config else set())
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
     if args.resume == "auto" and not args.out:
         raise UsageError("--resume auto needs --out DIR (the run directory to look in)")
-    label = args.preset or args.config or default_preset()
-    summary = run(cfg, args.out, args.resume, label, tensorboard=args.tensorboard, wandb=args.wandb)
+    options = RunOptions(out=args.out, resume=args.resume, overwrite=args.overwrite,
+                         label=args.preset or args.config or default_preset(), tensorboard=args.tensorboard,
+                         wandb=args.wandb, asked=asked_keys(args))
+    summary = run(cfg, options)
     return 0 if math.isfinite(summary["final_val_loss"]) else 1

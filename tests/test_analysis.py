@@ -157,3 +157,25 @@ def test_bad_run_directories_are_one_line_errors(tmp_path, monkeypatch, capsys):
 
     assert speedrun(monkeypatch, "compare", b) == 1
     assert capsys.readouterr().err.strip().startswith(f"speedrun compare: error: {b / 'summary.json'}: missing")
+
+
+def test_record_refuses_duplicated_evidence(tmp_path, monkeypatch, capsys):
+    """The same run twice, two runs of one seed, or losses without variance cannot support a
+    t-test; each is refused with one line (exit 2) instead of reporting t = -inf, p = 0."""
+    a = make_run(tmp_path / "a", final=3.2771, seed=0)
+    same_seed = make_run(tmp_path / "again", final=3.2790, seed=0)
+    b = make_run(tmp_path / "b", final=3.2771, seed=1)
+
+    assert speedrun(monkeypatch, "record", a, a, "--target", "11") == 2
+    err = capsys.readouterr().err.strip()
+    assert f"run {a} is given twice" in err and "\n" not in err
+    assert speedrun(monkeypatch, "record", a, tmp_path / "." / "a") == 2  # the same directory spelled differently
+    assert "given twice" in capsys.readouterr().err
+
+    assert speedrun(monkeypatch, "record", a, same_seed) == 2
+    err = capsys.readouterr().err.strip()
+    assert "runs a and again have the same seed (0)" in err and "\n" not in err
+
+    assert speedrun(monkeypatch, "record", a, b, "--target", "11") == 2
+    err = capsys.readouterr().err.strip()
+    assert "zero variance" in err and "\n" not in err

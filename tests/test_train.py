@@ -66,3 +66,71 @@ def test_unknown_data_dir_is_one_line(tmp_path):
                 check=False)
     assert r.returncode != 0
     assert len(r.stderr.strip().splitlines()) == 1 and "nowhere" in r.stderr
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def four_step_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reuse") / "run"
+    run_cli("train", "--preset", "tiny", "--steps", "4", "--val-every", "2", "--out", str(out), *SMALL_RUN)
+    return out
+
+
+def test_a_run_directory_with_results_is_never_reused(four_step_run, tmp_path):
+    """Training again into a run's directory is refused before any work, leaving every file as it
+    was; a file, or a folder that cannot be written, as --out is refused the same way."""
+    before = _snapshot(four_step_run)
+    r = run_cli("train", "--preset", "tiny", "--steps", "4", "--out", str(four_step_run), *SMALL_RUN, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"speedrun train: error: --out {four_step_run} already holds a run (config.toml, log.txt, metrics.jsonl, "
+        f"summary.json, checkpoints); continue it with --resume {four_step_run}, delete its results with "
+        "--overwrite, or choose another --out")
+    assert _snapshot(four_step_run) == before
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    r = run_cli("train", "--out", str(afile), check=False)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(f"--out {afile}: exists and is not a folder")
+    r = run_cli("train", "--out", str(afile / "sub"), check=False)
+    assert r.returncode == 2 and "cannot write there" in r.stderr and afile.read_text() == "x"
+
+
+def test_overwrite_removes_the_old_results_first(tmp_path):
+    out = tmp_path / "run"
+    common = ["--preset", "tiny", "--val-every", "0", "--out", str(out), *SMALL_RUN]
+    run_cli("train", *common, "--steps", "2", "--save-every", "1", "--keep", "0")
+    (out / "notes.txt").write_text("mine")
+    run_cli("train", *common, "--steps", "1", "--overwrite")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001"]  # not step_000002 beside it
+    assert [m["step"] for m in read_metrics(out)] == [1, 1]  # the new run's train and final val records only
+    assert (out / "notes.txt").read_text() == "mine"  # only what a run writes is removed
+
+
+def test_default_run_directories_never_collide(tmp_path):
+    from speedrun import rundir
+    made = {rundir.new_default(tmp_path) for _ in range(5)}  # all within the same second or two
+    assert len(made) == 5 and all(p.is_dir() for p in made)
+
+
+def test_resume_applies_steps_and_data_and_refuses_other_changes(four_step_run, tmp_path):
+    """--steps extends a resumed run and --data points it at moved shards; a change the checkpoint
+    cannot take (a learning rate) is refused, naming the key, with nothing written."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(four_step_run, run)
+    before = _snapshot(run)
+    r = run_cli("train", "--resume", str(run), "--set", "optim.muon_lr=0.1", check=False)
+    assert r.returncode == 2 and "optim.muon_lr cannot change on resume" in r.stderr.strip().splitlines()[-1]
+    assert _snapshot(run) == before
+    from speedrun.data.corpus import builtin_corpus_dir
+    moved = tmp_path / "moved-data"
+    shutil.copytree(builtin_corpus_dir(), moved)
+    run_cli("train", "--resume", str(run), "--steps", "6", "--data", str(moved))
+    records = read_metrics(run)
+    assert max(m["step"] for m in records) == 6 and [m["step"] for m in records if "train_loss" in m] == list(range(1, 7))
+    log = (run / "log.txt").read_text()
+    assert "changed on resume: train.steps: 4 -> 6" in log and f"changed on resume: data.dir: '' -> '{moved}'" in log
+    assert tomllib.loads((run / "config.toml").read_text())["data"]["dir"] == str(moved)
