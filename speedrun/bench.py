@@ -1,6 +1,8 @@
 """`speedrun bench`: step time, tokens/s, MFU, peak memory and compile time of a preset on this
 device, measured after warm-up as medians over several steps; `--vs` measures a second preset in
-the same process for a side-by-side ratio."""
+the same process for a side-by-side ratio. Each result also counts the graphs torch.compile compiled
+during the timed steps (`recompiles`): 0 in a healthy run, where warm-up compiled everything and
+nothing (a growing window, a new shape, an lr) makes Dynamo compile again."""
 
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ def measure(preset: str, overrides: list[str], steps: int, warmup: int, device: 
         torch.cuda.reset_peak_memory_stats(rt.device)
     trainer = Trainer(cfg, rt, preset)
     warm_s = trainer.warm_up(warmup)
+    graphs_before = graphs_compiled()
     times = []
     for step in range(steps):
         trainer.synchronize()
@@ -39,6 +42,7 @@ def measure(preset: str, overrides: list[str], steps: int, warmup: int, device: 
         trainer.train_step(step)
         trainer.synchronize()
         times.append(time.perf_counter() - t0)
+    recompiles = graphs_compiled() - graphs_before
     step_s = statistics.median(times)
     tokens_per_s = cfg.data.batch_tokens / step_s
     peak = peak_flops(rt.device)
@@ -52,8 +56,20 @@ def measure(preset: str, overrides: list[str], steps: int, warmup: int, device: 
         "peak_memory_mib": round(_peak_memory_mib(rt.device), 1),
         # Warm-up time less what the same number of steady steps take: the one-off compile cost.
         "compile_s": round(max(warm_s - warmup * step_s, 0.0), 2),
+        "recompiles": recompiles,
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
     }
+
+
+def graphs_compiled() -> int:
+    """Graphs torch.compile has compiled in this process so far: Dynamo's own count of the FX graphs
+    it handed to a backend (`torch._dynamo.utils.counters["stats"]["unique_graphs"]`), which grows
+    by one for every first compile, recompile and graph-break fragment of any compiled function
+    (model, FlexAttention, Newton–Schulz, FP8 op). A backward graph is compiled by AOTAutograd at
+    its forward graph's first backward and is not counted on its own."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def compile_latency(preset: str, overrides: list[str], device: str) -> dict:
@@ -71,11 +87,11 @@ def compile_latency(preset: str, overrides: list[str], device: str) -> dict:
 def _row(r: dict) -> str:
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "—"
     return (f"{r['preset']:<22} {r['step_ms']:>10.1f} {r['tokens_per_s']:>12,.0f} {mfu:>7} "
-            f"{r['peak_memory_mib']:>10,.0f} {r['compile_s']:>9.1f}")
+            f"{r['peak_memory_mib']:>10,.0f} {r['compile_s']:>9.1f} {r['recompiles']:>10}")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="measure step time, tokens/s, MFU, memory and compile time",
+    p = sub.add_parser("bench", help="measure step time, tokens/s, MFU, memory, compile time and recompiles",
                        description="Benchmark presets on this device: medians over --steps steps after --warmup "
                                    "untimed steps. Timings are for comparison within one run; ratios are reported.")
     p.add_argument("--preset", default=None, help="preset to measure (default: tiny on CPU, gpt2-speedrun on CUDA)")
@@ -111,9 +127,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(report))
         return 0
     print(f"device: {results[0]['device']}  torch {results[0]['torch']}  steps: {args.steps} (median)")
-    print(f"{'preset':<22} {'step ms':>10} {'tokens/s':>12} {'MFU':>7} {'peak MiB':>10} {'compile s':>9}")
+    print(f"{'preset':<22} {'step ms':>10} {'tokens/s':>12} {'MFU':>7} {'peak MiB':>10} {'compile s':>9} {'recompiles':>10}")
     for r in results:
         print(_row(r))
+    for r in results:
+        if r["recompiles"]:
+            print(f"warning: {r['preset']}: torch.compile compiled {r['recompiles']} graph(s) during the timed steps, "
+                  "so its step times include compilation: too few --warmup steps, or a recompile "
+                  "(TORCH_LOGS=recompiles says why)")
     if args.vs:
         print(f"ratio {preset}/{args.vs}: step time {report['ratio']['step_ms']:.3f}×, "
               f"tokens/s {report['ratio']['tokens_per_s']:.3f}×")
