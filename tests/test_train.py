@@ -41,12 +41,12 @@ def test_run_writes_config_log_metrics_summary(short_run):
 
 def test_resume_continues_exactly(tmp_path):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    common = ["--preset", "tiny", "--steps", "20", "--val-every", "5", *SMALL_RUN]
+    common = ["--preset", "tiny", "--steps", "10", "--val-every", "5", *SMALL_RUN]
     run_cli("train", *common, "--out", str(straight))
-    run_cli("train", *common, "--out", str(broken), "--save-every", "10")
-    # Throw away the end of the second run and continue from its step-10 checkpoint.
+    run_cli("train", *common, "--out", str(broken), "--save-every", "5")
+    # Throw away the end of the second run and continue from its step-5 checkpoint.
     import shutil
-    shutil.rmtree(broken / "checkpoints" / "step_000020")
+    shutil.rmtree(broken / "checkpoints" / "step_000010")
     run_cli("train", "--resume", "auto", "--out", str(broken))
     assert losses(broken) == losses(straight)
     assert [m["step"] for m in read_metrics(broken)] == [m["step"] for m in read_metrics(straight)]
@@ -135,32 +135,3 @@ def test_resume_applies_steps_and_data_and_refuses_other_changes(four_step_run, 
     assert "changed on resume: train.steps: 4 -> 6" in log and f"changed on resume: data.dir: '' -> '{moved}'" in log
     assert tomllib.loads((run / "config.toml").read_text())["data"]["dir"] == str(moved)
 
-
-@pytest.mark.slow
-def test_default_compiled_runs_repeat_and_resume_exactly(tmp_path):
-    """As users run it: compiled, with torch's default thread count. Two runs of one seed give the
-    same losses step for step, and a run resumed from its step-4 checkpoint ends as the unbroken
-    one. (Inductor's CPU scatter-adds made such runs drift by ~1e-4 before the trainer turned on
-    deterministic algorithms on CPU.)"""
-    import os
-    import subprocess
-    import sys
-    import shutil
-
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    small = [a for a in SMALL_RUN if a != "--no-compile"]
-    common = ["--preset", "tiny", "--steps", "8", "--val-every", "4", "--seed", "3", "--compile", *small]
-
-    def train(*args):
-        r = subprocess.run([sys.executable, "-m", "speedrun", "train", *args], env=env, capture_output=True, text=True,
-                           timeout=600)
-        assert r.returncode == 0, r.stderr
-
-    first, second = tmp_path / "first", tmp_path / "second"
-    train(*common, "--out", str(first))
-    train(*common, "--out", str(second), "--save-every", "4")
-    assert losses(second) == losses(first)
-    shutil.rmtree(second / "checkpoints" / "step_000008")
-    train("--resume", "auto", "--out", str(second), *common)
-    assert losses(second) == losses(first)
-    assert "compile: torch.compile" in (second / "log.txt").read_text()
