@@ -169,7 +169,8 @@ if ((${#DATA_SETS[@]})); then
     # -- 4. a short training run whose loss falls ----------------------------------------------
     if run_stage train "4 train $TRAIN_STEPS steps" "$CAP_TRAIN" "$MIN_ENV" \
         "${COMPILE_ENV[@]}" "$PY" -m speedrun train --preset "$PRESET" --device "$DEVICE" --compile \
-        "${DATA_SETS[@]}" --set train.warmup_steps_untimed=1 --steps "$TRAIN_STEPS" --val-every "$VAL_EVERY" \
+        "${DATA_SETS[@]}" --set train.warmup_steps_untimed=1 --set data.allow_repeat=true \
+        --steps "$TRAIN_STEPS" --val-every "$VAL_EVERY" \
         --out "$WORK/run"; then
         if ! "$PY" - "$WORK/run/metrics.jsonl" <<'EOF'; then
 import json, sys

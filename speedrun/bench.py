@@ -111,6 +111,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from speedrun.train import default_preset
 
     preset = args.preset or default_preset()
+    for name in [preset] + ([args.vs] if args.vs else []):
+        load_config(name, None, args.set)  # every preset and override checked before the first benchmark
     try:
         results = [measure(name, args.set, args.steps, args.warmup, args.device, args.compile)
                    for name in [preset] + ([args.vs] if args.vs else [])]

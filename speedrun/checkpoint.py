@@ -80,7 +80,14 @@ def find_resume(run_dir: Path, resume: str) -> Path | None:
 
 
 def read_config(ckpt: Path) -> Config:
-    return from_dict(tomllib.loads((ckpt / "config.toml").read_text()), str(ckpt / "config.toml"))
+    path = ckpt / "config.toml"
+    try:
+        table = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing; the checkpoint cannot be resumed or loaded without its config") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise DataError(f"{path}: damaged ({_first_line(e)})") from None
+    return from_dict(table, str(path))
 
 
 def _owned_state(opt: torch.optim.Optimizer) -> dict:

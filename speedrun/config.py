@@ -105,6 +105,8 @@ class DataConfig:
     # sequence: only a sequence never spans two shards, so a batch may take the end of one shard
     # and the start of the next.
     shard_boundary: str = "batch"
+    # a run needing more train tokens than the shards hold wraps around them; refused unless true
+    allow_repeat: bool = False
 
 
 @dataclass
@@ -211,6 +213,12 @@ def load_config(preset: str | None = None, file: str | Path | None = None, overr
             file_table = tomllib.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a folder, not a config file (give its config.toml)") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file; expected a TOML config") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML ({e})") from None
         if preset is None and isinstance(file_table.get("preset"), str):
@@ -280,6 +288,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'model.long_short_pattern' must be {m.n_layer} letters L or S (one per layer), "
                           f"got '{m.long_short_pattern}'")
     _validate_model_shapes(m)
+    _validate_ranges(cfg)
     if m.value_embeds * 2 > m.n_layer:
         raise ConfigError(f"'model.value_embeds' ({m.value_embeds}) needs at least twice as many layers, got {m.n_layer}")
     if m.positional == "learned" and d.seq_len > m.max_seq_len:
@@ -308,6 +317,34 @@ def _validate_model_shapes(m: ModelConfig) -> None:
     if m.sliding_window and not 0 < m.window_min <= m.window_max:
         raise ConfigError(f"'model.window_min' ({m.window_min}) and 'model.window_max' ({m.window_max}) must satisfy "
                           "0 < window_min <= window_max")
+
+
+def _validate_ranges(cfg: Config) -> None:
+    """Numbers outside the range where they mean anything: learning rates and other magnitudes must
+    not be negative, fractions lie in [0, 1] and momenta and betas in [0, 1)."""
+    o, m = cfg.optim, cfg.model
+    checks = [(f"optim.{k}", getattr(o, k), 0.0, None) for k in
+              ("muon_lr", "lr_head", "lr_embed", "lr_scalar", "lr_adam", "weight_decay", "grad_clip")]
+    checks += [(f"optim.{k}", getattr(o, k), 0, None) for k in ("warmup_steps", "muon_momentum_warmup_steps")]
+    checks += [(f"optim.{k}", getattr(o, k), 0.0, 1.0) for k in ("cooldown_frac", "final_lr_frac")]
+    checks += [("model.logit_softcap", m.logit_softcap, 0.0, None), ("model.attn_scale", m.attn_scale, 0.0, None),
+               ("optim.ns_steps", o.ns_steps, 1, None)]
+    for name, value, low, high in checks:
+        if value < low or (high is not None and value > high):
+            where = f"in [{low}, {high}]" if high is not None else f"at least {low}"
+            raise ConfigError(f"'{name}' must be {where}, got {value}")
+    below_one = [("optim.muon_momentum", o.muon_momentum), ("optim.muon_momentum_start", o.muon_momentum_start)]
+    below_one += [(f"optim.adam_betas[{i}]", b) for i, b in enumerate(o.adam_betas)]
+    for name, value in below_one:
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"'{name}' must be in [0, 1), got {value}")
+    if len(o.adam_betas) != 2:
+        raise ConfigError(f"'optim.adam_betas' must be two numbers, got {o.adam_betas}")
+    positive = [("optim.adam_eps", o.adam_eps), ("model.softcap_temperature", m.softcap_temperature),
+                ("model.rotary_base", m.rotary_base)]
+    for name, value in positive:
+        if value <= 0:
+            raise ConfigError(f"'{name}' must be positive, got {value}")
 
 
 def grad_accum_steps(cfg: Config, world_size: int) -> int:

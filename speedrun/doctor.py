@@ -417,9 +417,12 @@ def _enough_tokens(ctx: Context, train_tokens: int, val_tokens: int) -> Iterator
     run = f"{steps} steps × {d.batch_tokens:,} = {needed:,}"
     if train_tokens >= needed:
         yield OK, f"data: train holds {train_tokens:,} tokens ≥ {run} ({passes:.2f} of one pass)"
+    elif d.allow_repeat:
+        yield INFO, (f"data: train holds {train_tokens:,} tokens < {run}: the run repeats the data {passes:.1f} times "
+                     "(data.allow_repeat = true)")
     else:
         yield FAIL, (f"data: train holds {train_tokens:,} tokens < {run}: the run would make {passes:.1f} passes "
-                     "over the data (the loader wraps around)")
+                     "over the data, which speedrun train refuses unless data.allow_repeat = true")
     if d.val_tokens < d.val_seq_len:
         yield FAIL, (f"data: data.val_tokens ({d.val_tokens:,}) holds no whole sequence of "
                      f"data.val_seq_len ({d.val_seq_len:,})")

@@ -20,11 +20,12 @@ import torch.distributed as dist
 from speedrun import checkpoint, rundir
 from speedrun.attention import use_flex, window_tokens
 from speedrun.config import SECTIONS, Config, grad_accum_steps, load_config, scale_steps, to_dict, to_toml, validate
+from speedrun.data import shards
 from speedrun.data.corpus import builtin_corpus_dir, cache_root
 from speedrun.data.loader import TrainLoader, find_shards, val_batches, val_fingerprint
 from speedrun.distributed import (GradientAverager, Runtime, all_reduce_sum, backend_name, barrier, broadcast_parameters,
                                   setup, teardown)
-from speedrun.errors import SpeedrunError, UsageError
+from speedrun.errors import DataError, SpeedrunError, UsageError
 from speedrun.model import GPT, fp8_supported
 from speedrun.optim import apply_schedule, build_optimizers, lr_multiplier
 from speedrun.runlog import RunLog, device_description, peak_flops
@@ -80,6 +81,26 @@ def _run_dir(out: str | None, resume: str | None, overwrite: bool, rt: Runtime) 
 def _data_files(cfg: Config):
     data_dir = Path(cfg.data.dir) if cfg.data.dir else builtin_corpus_dir()
     return data_dir, *find_shards(data_dir, cfg.data.train_pattern, cfg.data.val_pattern)
+
+
+def check_run_data(cfg: Config) -> None:
+    """What the shards must hold for this run, checked before any model is built: enough train
+    tokens for every step (unless data.allow_repeat), enough val tokens, and no token id beyond
+    the model's vocabulary."""
+    data_dir, train_files, val_files = _data_files(cfg)
+    d, steps = cfg.data, cfg.train.steps
+    held, needed = sum(shards.read_header(f) for f in train_files), steps * d.batch_tokens
+    if held < needed and not d.allow_repeat:
+        raise DataError(f"{data_dir}: the train shards hold {held:,} tokens but {steps} steps × {d.batch_tokens:,} "
+                        f"need {needed:,}, {needed / max(held, 1):.1f} passes over the data; allow repeating them "
+                        "with --set data.allow_repeat=true")
+    val_needed = d.val_tokens // d.val_seq_len * d.val_seq_len + 1
+    val_held = sum(shards.read_header(f) for f in val_files)
+    if val_held < val_needed:
+        raise DataError(f"{data_dir}: the val shards hold {val_held:,} tokens, fewer than the {val_needed:,} that "
+                        f"data.val_tokens {d.val_tokens:,} in sequences of data.val_seq_len {d.val_seq_len:,} needs")
+    for f in [*train_files, *val_files]:
+        shards.read_shard(f, vocab_size=cfg.model.vocab_size)
 
 
 def use_persistent_compile_cache() -> None:
@@ -377,8 +398,8 @@ def _resume(cfg: Config, run_dir: Path, options: RunOptions) -> tuple[Config, Pa
     resume_from = checkpoint.find_resume(run_dir, options.resume) if options.resume else None
     if resume_from is None:
         return cfg, None, []
-    saved = checkpoint.read_config(resume_from)
     step = checkpoint.read_state(resume_from)["step"]
+    saved = checkpoint.read_config(resume_from)
     cfg, notes = resumed_config(saved, cfg, options.asked)
     if cfg.train.steps < step:
         raise UsageError(f"--steps {cfg.train.steps}: the checkpoint {resume_from} is already at step {step}")
@@ -388,6 +409,7 @@ def _resume(cfg: Config, run_dir: Path, options: RunOptions) -> tuple[Config, Pa
 def _start(cfg: Config, rt: Runtime, run_dir: Path, options: RunOptions) -> tuple[Config, Trainer, RunLog]:
     """The trainer (resumed if asked) and the run's log, with its header written."""
     cfg, resume_from, notes = _resume(cfg, run_dir, options)
+    check_run_data(cfg)
     trainer = Trainer(cfg, rt, options.label)
     if resume_from is not None:
         saved = checkpoint.load(resume_from, trainer.model, trainer.optimizers, rt)
