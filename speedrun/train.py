@@ -131,12 +131,11 @@ class Trainer:
     def __init__(self, cfg: Config, rt: Runtime, label: str = ""):
         self.cfg, self.rt, self.label = cfg, rt, label
         self.device = rt.device
-        if self.device.type == "cpu":
-            # Inductor's CPU scatter-adds (embedding gradients) accumulate with atomics in thread
-            # order, so two runs of one seed drifted apart by ~1e-4 within a few steps; in
-            # deterministic mode it falls back to the ordered eager kernels, for ~1% of step time
-            # (docs/benchmarks.md). CUDA runs keep the faster nondeterministic kernels.
-            torch.use_deterministic_algorithms(True)
+        # Inductor's CPU scatter-adds (embedding gradients) accumulate with atomics in thread order,
+        # so two runs of one seed drifted apart by ~1e-4 within a few steps; in deterministic mode
+        # it falls back to the ordered eager kernels, for ~1% of step time (docs/benchmarks.md).
+        # CUDA runs keep the faster nondeterministic kernels. Set either way: it is process-wide.
+        torch.use_deterministic_algorithms(self.device.type == "cpu")
         torch.manual_seed(cfg.train.seed)
         self.data_dir, train_files, self.val_files = _data_files(cfg)
         self.accum = grad_accum_steps(cfg, rt.world_size)
