@@ -19,6 +19,7 @@ from speedrun.errors import DataError, UsageError
 SETUP_ONLY_KEYS = {"description", "train.seed", "train.device", "train.compile", "train.save_every", "train.keep",
                    "train.val_every", "train.log_every"}
 SUMMARY_KEYS = ("final_val_loss", "train_time_ms", "tokens")
+STOPPED = ("failed", "interrupted")  # summary.json statuses of runs that ended early
 DASH = "—"
 
 
@@ -45,6 +46,18 @@ class Run:
     def label(self) -> str:
         return str((self.summary or {}).get("config", "")) or "custom"
 
+    @property
+    def status(self) -> str:
+        """finished, failed or interrupted (as summary.json says), or running (no summary yet)."""
+        return str(self.summary.get("status", "finished")) if self.summary is not None else "running"
+
+    @property
+    def stopped(self) -> str | None:
+        """For a run that ended early, e.g. "failed at step 12: training loss became nan"."""
+        if self.status not in STOPPED:
+            return None
+        return f"{self.status} at step {self.summary.get('step', '?')}: {self.summary.get('error', '')}".rstrip(": ")
+
 
 def _read_text(path: Path) -> str:
     try:
@@ -57,8 +70,8 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    text = _read_text(path)
+def _read_metrics(path: Path, need_val: bool = True) -> list[dict]:
+    text = _read_text(path) if need_val or path.exists() else ""
     lines = text.splitlines()
     records = []
     for i, line in enumerate(lines, 1):
@@ -76,7 +89,7 @@ def _read_metrics(path: Path) -> list[dict]:
             if not isinstance(rec.get(key), (int, float)):
                 raise DataError(f"{path}: line {i} has no number '{key}'")
         records.append(rec)
-    if not any("val_loss" in r for r in records):
+    if need_val and not any("val_loss" in r for r in records):
         raise DataError(f"{path}: no validation records")
     return records
 
@@ -89,7 +102,6 @@ def load_run(path: str | Path, need_summary: bool = True) -> Run:
         config = tomllib.loads(_read_text(path / "config.toml"))
     except tomllib.TOMLDecodeError as e:
         raise DataError(f"{path / 'config.toml'}: not valid TOML ({e})") from None
-    metrics = _read_metrics(path / "metrics.jsonl")
     summary = None
     summary_path = path / "summary.json"
     if need_summary or summary_path.exists():
@@ -99,9 +111,12 @@ def load_run(path: str | Path, need_summary: bool = True) -> Run:
             raise DataError(f"{summary_path}: not valid JSON") from None
         if not isinstance(summary, dict):
             raise DataError(f"{summary_path}: not a JSON object")
-        for key in SUMMARY_KEYS:
-            if not isinstance(summary.get(key), (int, float)):
-                raise DataError(f"{summary_path}: no number '{key}' (the run may not have finished)")
+    stopped = summary is not None and summary.get("status") in STOPPED
+    # a run that failed or was interrupted may have stopped before its first validation
+    metrics = _read_metrics(path / "metrics.jsonl", need_val=not stopped)
+    for key in SUMMARY_KEYS if summary is not None and not stopped else ():
+        if not isinstance(summary.get(key), (int, float)):
+            raise DataError(f"{summary_path}: no number '{key}' (the run may not have finished)")
     return Run(path, path.resolve().name, config, metrics, summary)
 
 
@@ -138,9 +153,13 @@ def _mfu(run: Run) -> float | None:
 
 
 def compare_rows(runs: list[Run], loss: float | None) -> list[dict]:
-    base = runs[0].summary["train_time_ms"]
+    """A row per run; a run that ended early gets its status and no figures."""
+    base = next((r.summary["train_time_ms"] for r in runs if r.stopped is None), 0)
     rows = []
     for r in runs:
+        if r.stopped is not None:
+            rows.append({"run": r.name, "path": str(r.path), "config": r.label, "status": r.stopped})
+            continue
         s = r.summary
         time_ms = s["train_time_ms"]
         rows.append({
@@ -149,7 +168,7 @@ def compare_rows(runs: list[Run], loss: float | None) -> list[dict]:
             "tokens_per_s": s["tokens"] / (time_ms / 1000) if time_ms > 0 else None,
             "mfu": _mfu(r),
             "time_to_loss_ms": time_to_loss(r, loss) if loss is not None else None,
-            "time_ratio": time_ms / base if base > 0 else None,
+            "time_ratio": time_ms / base if base > 0 else None, "status": "finished",
         })
     return rows
 
@@ -221,6 +240,9 @@ def record_stats(runs: list[Run], target: float, alpha: float) -> dict:
 
     if len(runs) < 2:
         raise UsageError(f"a record needs at least 2 runs for its t-test, got {len(runs)}")
+    for r in runs:
+        if r.stopped is not None:
+            raise UsageError(f"run {r.name} {r.stopped}; a record counts finished runs only")
     check_same_setup(runs)
     check_independent(runs)
     for r in runs:
@@ -298,11 +320,12 @@ def plot_runs(runs: list[Run], x: str = "time", targets=(), train: bool = False)
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator, NullFormatter, NullLocator
 
+    last = [r.metrics[-1] for r in runs if r.metrics]  # a run stopped before its first step has none
     if x == "time":
-        div, unit = _time_unit(max(r.metrics[-1]["train_time_ms"] for r in runs))
+        div, unit = _time_unit(max([m["train_time_ms"] for m in last] or [0.0]))
         key, xlabel = "train_time_ms", f"training time ({'minutes' if unit == 'min' else 'seconds'})"
     elif x == "tokens":
-        most = max(r.metrics[-1]["tokens"] for r in runs)
+        most = max([m["tokens"] for m in last] or [0])
         div, word = next(((s, w) for s, w in ((1e9, "billions"), (1e6, "millions"), (1e3, "thousands")) if most >= s),
                          (1.0, "count"))
         key, xlabel = "tokens", f"training tokens ({word})"
@@ -315,8 +338,9 @@ def plot_runs(runs: list[Run], x: str = "time", targets=(), train: bool = False)
     ax = fig.add_subplot()
     ys = []
     for r in runs:
+        label = r.name if r.stopped is None else f"{r.name} ({r.stopped.split(':')[0]})"
         (line,) = ax.plot([v[key] / div for v in r.val], [v["val_loss"] for v in r.val], marker="o", markersize=3,
-                          lw=1.6, label=r.name, gid="val")
+                          lw=1.6, label=label, gid="val")
         ys += [v["val_loss"] for v in r.val]
         if train and r.train:
             ax.plot([t[key] / div for t in r.train], [t["train_loss"] for t in r.train], color=line.get_color(),
@@ -373,6 +397,18 @@ def _cmd_plot(args) -> int:
 # compare
 
 
+def _compare_cells(r: dict, loss: float | None, div: float) -> list[str]:
+    if r["status"] != "finished":
+        return [r["run"], r["config"], r["status"]]
+    cells = [r["run"], r["config"], f"{r['final_val_loss']:.4f}", f"{r['train_time_ms'] / div:.2f}",
+             _fmt_count(r["tokens"]), _fmt_count(r["tokens_per_s"]) if r["tokens_per_s"] else DASH,
+             f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else DASH]
+    if loss is not None:
+        cells.append(f"{r['time_to_loss_ms'] / div:.2f}" if r["time_to_loss_ms"] is not None else DASH)
+    cells.append(f"{r['time_ratio']:.2f}×" if r["time_ratio"] is not None else DASH)
+    return cells
+
+
 def _cmd_compare(args) -> int:
     runs = load_runs(args.runs)
     loss = args.loss if args.loss is not None else (runs[0].target if runs[0].target > 0 else None)
@@ -380,22 +416,17 @@ def _cmd_compare(args) -> int:
     if args.json:
         print(json.dumps(_json_safe({"loss": loss, "runs": rows}), indent=2))
         return 0
-    div, unit = _time_unit(max(r["train_time_ms"] for r in rows))
+    div, unit = _time_unit(max([r["train_time_ms"] for r in rows if r["status"] == "finished"] or [0.0]))
     header = ["run", "config", "val loss", f"time ({unit})", "tokens", "tok/s", "MFU"]
     if loss is not None:
         header.append(f"time to {loss:g} ({unit})")
     header.append("time ratio")
-    table = []
-    for r in rows:
-        cells = [r["run"], r["config"], f"{r['final_val_loss']:.4f}", f"{r['train_time_ms'] / div:.2f}",
-                 _fmt_count(r["tokens"]), _fmt_count(r["tokens_per_s"]) if r["tokens_per_s"] else DASH,
-                 f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else DASH]
-        if loss is not None:
-            cells.append(f"{r['time_to_loss_ms'] / div:.2f}" if r["time_to_loss_ms"] is not None else DASH)
-        cells.append(f"{r['time_ratio']:.2f}×" if r["time_ratio"] is not None else DASH)
-        table.append(cells)
+    table = [cells + [""] * (len(header) - len(cells)) for cells in (_compare_cells(r, loss, div) for r in rows)]
     print(_table(header, table, right=set(range(2, len(header)))))
-    odd = [r.name for r in runs[1:] if _val_set(r) != _val_set(runs[0])]
+    for r in rows:
+        if r["status"] != "finished":
+            print(f"note: {r['run']} {r['status']}")
+    odd = [r.name for r in runs[1:] if r.stopped is None and _val_set(r) != _val_set(runs[0])]
     if odd:
         print(f"note: {', '.join(odd)} validated on a different val set than {runs[0].name}; their losses are not comparable")
     return 0

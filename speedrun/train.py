@@ -449,6 +449,17 @@ def _warm_up(trainer: Trainer, log: RunLog) -> float:
 def _run(cfg: Config, rt: Runtime, options: RunOptions) -> dict:
     run_dir = _run_dir(options.out, options.resume, options.overwrite, rt)
     cfg, trainer, log = _start(cfg, rt, run_dir, options)
+    try:
+        val_loss, warm = _train(trainer, log, run_dir)
+    except BaseException as error:
+        _record_stop(trainer, log, run_dir, error)
+        raise
+    return _finish(trainer, log, run_dir, val_loss, warm)
+
+
+def _train(trainer: Trainer, log: RunLog, run_dir: Path) -> tuple[float, float]:
+    """The warm-up and the step loop; returns (final val loss, warm-up seconds)."""
+    cfg, rt = trainer.cfg, trainer.rt
     warm = _warm_up(trainer, log)
     steps, t = cfg.train.steps, cfg.train
     progress = None
@@ -480,13 +491,27 @@ def _run(cfg: Config, rt: Runtime, options: RunOptions) -> dict:
         clock.mark(step + 1)
     if progress is not None:
         progress.close()
-    return _finish(trainer, log, run_dir, val_loss, warm)
+    return val_loss, warm
+
+
+def _record_stop(trainer: Trainer, log: RunLog, run_dir: Path, error: BaseException) -> None:
+    """A run that ends early says why in log.txt and summary.json ("status": "failed" or
+    "interrupted"), so that compare and plot show it as such and record refuses it."""
+    status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    log.line(f"{status} at step {trainer.step}: {reason}")
+    if trainer.rt.is_main:
+        checkpoint.write_json(run_dir / "summary.json", {
+            "config": trainer.label or "custom", "status": status, "error": reason, "step": trainer.step,
+            "steps": trainer.cfg.train.steps, "train_time_ms": round(trainer.train_time_ms, 3),
+            "world_size": trainer.rt.world_size})
+    log.close()
 
 
 def _finish(trainer: Trainer, log: RunLog, run_dir: Path, val_loss: float, warm: float) -> dict:
     cfg, rt = trainer.cfg, trainer.rt
     checkpoint.save(run_dir, trainer.model, trainer.optimizers, trainer.state(), cfg, rt, keep=cfg.train.keep)
-    summary = {"config": trainer.label or "custom", "final_val_loss": val_loss,
+    summary = {"config": trainer.label or "custom", "status": "finished", "final_val_loss": val_loss,
                "train_time_ms": round(trainer.train_time_ms, 3), "steps": cfg.train.steps,
                "tokens": cfg.train.steps * cfg.data.batch_tokens, "world_size": rt.world_size,
                "peak_memory_mib": round(_peak_memory_mib(rt.device), 1), "warmup_s": round(warm, 2),

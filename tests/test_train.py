@@ -59,6 +59,39 @@ def test_nan_loss_stops_with_the_step_and_nonzero_exit(tmp_path):
     assert r.returncode == 1
     (line,) = r.stderr.strip().splitlines()[-1:]
     assert line.startswith("speedrun train: error: training loss became") and "at step" in line
+    # the run directory says so, and the analysis commands show it as failed
+    out = tmp_path / "nan"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"].startswith("training loss became")
+    assert (out / "log.txt").read_text().splitlines()[-1] == f"failed at step {summary['step']}: {summary['error']}"
+    compare = run_cli("compare", str(out))
+    assert f"failed at step {summary['step']}" in compare.stdout
+    assert run_cli("plot", str(out), "--out", str(tmp_path / "nan.png")).returncode == 0
+    record = run_cli("record", str(out), str(out), check=False)
+    assert record.returncode == 2 and "a record counts finished runs only" in record.stderr
+
+
+def test_interrupted_run_says_so(tmp_path):
+    """Ctrl-C: exit 130, and log.txt and summary.json say the run was interrupted at which step."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import speedrun_cmd
+    out = tmp_path / "run"
+    proc = subprocess.Popen(speedrun_cmd("train", "--preset", "tiny", "--steps", "400", "--out", str(out),
+                                         "--set", "data.allow_repeat=true", *SMALL_RUN),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out / "metrics.jsonl").is_file():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "speedrun train: interrupted"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 0 <= summary["step"] < 400
+    assert (out / "log.txt").read_text().splitlines()[-1].startswith(f"interrupted at step {summary['step']}")
 
 
 def test_unknown_data_dir_is_one_line(tmp_path):
