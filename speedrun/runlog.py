@@ -57,7 +57,7 @@ class RunLog:
             self._wandb = _start_wandb(out_dir, config or {})
 
     def header(self, device: torch.device, world_size: int, extra: list[str]) -> None:
-        self.line(f"python {sys.version.split()[0]}  torch {torch.__version__}  cuda {torch.version.cuda}")
+        self.line(f"python {sys.version.split()[0]}  torch {torch.__version__}  cuda {torch.version.cuda or 'none'}")
         self.line(f"device: {device_description(device)}  world_size: {world_size}")
         for text in extra:
             self.line(text)
