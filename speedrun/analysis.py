@@ -70,6 +70,10 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _read_metrics(path: Path, need_val: bool = True) -> list[dict]:
     text = _read_text(path) if need_val or path.exists() else ""
     lines = text.splitlines()
@@ -79,14 +83,14 @@ def _read_metrics(path: Path, need_val: bool = True) -> list[dict]:
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError, a number too long to convert, deep nesting
             if i == len(lines) and not text.endswith("\n"):
                 break  # a live run's line still being written
             raise DataError(f"{path}: line {i} is not JSON") from None
         if not isinstance(rec, dict):
             raise DataError(f"{path}: line {i} is not a JSON object")
-        for key in ("step", "tokens", "train_time_ms"):
-            if not isinstance(rec.get(key), (int, float)):
+        for key in ("step", "tokens", "train_time_ms", "val_loss", "train_loss"):
+            if (key in rec or key in ("step", "tokens", "train_time_ms")) and not _is_number(rec.get(key)):
                 raise DataError(f"{path}: line {i} has no number '{key}'")
         records.append(rec)
     if need_val and not any("val_loss" in r for r in records):
@@ -100,14 +104,17 @@ def load_run(path: str | Path, need_summary: bool = True) -> Run:
         raise DataError(f"{path}: no such run directory")
     try:
         config = tomllib.loads(_read_text(path / "config.toml"))
-    except tomllib.TOMLDecodeError as e:
-        raise DataError(f"{path / 'config.toml'}: not valid TOML ({e})") from None
+    except (ValueError, RecursionError) as e:  # TOMLDecodeError is a ValueError
+        raise DataError(f"{path / 'config.toml'}: not valid TOML ({str(e)[:200]})") from None
+    for section, table in config.items():
+        if section in ("model", "optim", "data", "train") and not isinstance(table, dict):
+            raise DataError(f"{path / 'config.toml'}: [{section}] is not a table")
     summary = None
     summary_path = path / "summary.json"
     if need_summary or summary_path.exists():
         try:
             summary = json.loads(_read_text(summary_path))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             raise DataError(f"{summary_path}: not valid JSON") from None
         if not isinstance(summary, dict):
             raise DataError(f"{summary_path}: not a JSON object")

@@ -21,12 +21,14 @@ import os
 import shutil
 import tomllib
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_model, save_model
 
-from speedrun.config import Config, from_dict, to_toml
+from speedrun.config import Config, ConfigError, from_dict, to_toml
+from speedrun.data.loader import state_problem
 from speedrun.distributed import Runtime, barrier
 from speedrun.errors import DataError, UsageError
 
@@ -60,7 +62,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file())
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
+             and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))  # by step: step_1000000 after step_999999
 
 
 def find_resume(run_dir: Path, resume: str) -> Path | None:
@@ -85,9 +89,12 @@ def read_config(ckpt: Path) -> Config:
         table = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise DataError(f"{path}: missing; the checkpoint cannot be resumed or loaded without its config") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, not TOML, a 5000-digit integer
         raise DataError(f"{path}: damaged ({_first_line(e)})") from None
-    return from_dict(table, str(path))
+    try:
+        return from_dict(table, str(path))
+    except ConfigError as e:  # a damaged checkpoint is bad data (exit 1), whatever value the damage hit
+        raise DataError(str(e) if str(e).startswith(str(path)) else f"{path}: damaged ({e})") from None
 
 
 def _owned_state(opt: torch.optim.Optimizer) -> dict:
@@ -138,11 +145,15 @@ def save(run_dir: Path, model: torch.nn.Module, optimizers: list, state: dict, c
 
 def read_state(ckpt: Path) -> dict:
     """state.json: step, clock, loader position, world size."""
+    path = ckpt / "state.json"
     try:
-        state = json.loads((ckpt / "state.json").read_text())
-        int(state["step"]), int(state["world_size"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{ckpt / 'state.json'}: not a readable checkpoint state ({_first_line(e)})") from None
+        state = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise DataError(f"{path}: not a readable checkpoint state ({_first_line(e)})") from None
+    if not (isinstance(state, dict) and type(state.get("step")) is int and type(state.get("world_size")) is int
+            and state["step"] >= 0 and state["world_size"] >= 1):
+        raise DataError(f"{path}: not a readable checkpoint state (expected a JSON object with an integer step >= 0 "
+                        "and world_size >= 1)")
     return state
 
 
@@ -150,6 +161,10 @@ def load(ckpt: Path, model: torch.nn.Module, optimizers: list, rt: Runtime) -> d
     """Restore weights, optimizer and RNG states in place; return the trainer state (step, clock,
     loader position)."""
     state = read_state(ckpt)
+    clock, problem = state.get("train_time_ms"), state_problem(state.get("loader"))
+    if isinstance(clock, bool) or not isinstance(clock, (int, float)) or problem:
+        raise DataError(f"{ckpt / 'state.json'}: not a readable checkpoint state "
+                        f"({problem or 'train_time_ms is not a number'})")
     try:
         load_model(model, str(ckpt / "model.safetensors"), strict=True)
     except Exception as e:  # safetensors raises several types; all mean the same thing here
@@ -158,6 +173,15 @@ def load(ckpt: Path, model: torch.nn.Module, optimizers: list, rt: Runtime) -> d
     if len(rank_files) != state["world_size"]:
         raise DataError(f"{ckpt}: expected {state['world_size']} rank files, found {len(rank_files)}")
     payloads = [_load_tensors(f, rt.device) for f in rank_files]
+    try:
+        _restore(payloads, optimizers, rt)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise DataError(f"{ckpt}: rank_*.pt files do not hold this run's optimizer and RNG states "
+                        f"({type(e).__name__}: {_first_line(e)})") from None
+    return state
+
+
+def _restore(payloads: list, optimizers: list, rt: Runtime) -> None:
     for i, opt in enumerate(optimizers):
         merged = payloads[0]["optimizers"][i]
         for other in payloads[1:]:
@@ -168,11 +192,14 @@ def load(ckpt: Path, model: torch.nn.Module, optimizers: list, rt: Runtime) -> d
             for p in [p for g in opt.param_groups for p in g["params"]]:
                 if not owns(p):
                     opt.state.pop(p, None)
+        for p, entries in opt.state.items():  # load_state_dict checks no shapes; a wrong one fails at the next step
+            for name, value in entries.items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
+                    raise ValueError(f"{name} has shape {tuple(value.shape)}, its parameter {tuple(p.shape)}")
     own = payloads[rt.rank] if rt.rank < len(payloads) else payloads[0]
     torch.set_rng_state(own["rng_cpu"].cpu())
     if rt.device.type == "cuda" and "rng_cuda" in own:
         torch.cuda.set_rng_state(own["rng_cuda"].cpu(), rt.device)
-    return state
 
 
 def _first_line(e: Exception) -> str:
@@ -182,6 +209,7 @@ def _first_line(e: Exception) -> str:
 def _load_tensors(path: Path, device: torch.device) -> dict:
     """weights_only refuses any pickle that would construct arbitrary objects or call functions."""
     try:
+        _check_records(path)
         with warnings.catch_warnings():  # torch's advice to retry with weights_only=False is not for us
             warnings.simplefilter("ignore")
             return torch.load(path, map_location=device, weights_only=True)
@@ -189,14 +217,38 @@ def _load_tensors(path: Path, device: torch.device) -> dict:
         raise DataError(f"{path}: not a loadable checkpoint file; refused to unpickle it ({_first_line(e)})") from None
 
 
+def _check_records(path: Path) -> None:
+    """torch.load checks no CRC-32 of the zip it reads: check those of every record but the tensor
+    data (a few kB), so that a flipped bit in the pickled structure, say in a state key, is refused
+    here rather than failing at the first optimizer step. A flipped bit in tensor data stays a number."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if "/data/" not in info.filename:
+                    archive.read(info)  # raises BadZipFile on a CRC mismatch
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Forget what a killed run logged after its last checkpoint, so the resumed run's lines follow on
     exactly. The validation at the checkpoint's step runs again after resuming, so drop it too."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and (json.loads(line)["step"] < step or
-                                 (json.loads(line)["step"] == step and "val_loss" not in json.loads(line)))]
+    try:
+        text = path.read_text()
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the run's metrics ({_first_line(e)})") from None
+    lines, kept = text.splitlines(), []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if record["step"] < step or (record["step"] == step and "val_loss" not in record):
+                kept.append(line)
+        except (ValueError, KeyError, TypeError, RecursionError):
+            if i == len(lines) and not text.endswith("\n"):
+                break  # the line the killed run was writing
+            raise DataError(f"{path}: line {i} is not a metrics record (a JSON object with a step)") from None
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)

@@ -5,6 +5,7 @@ a preset's name."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -140,10 +141,9 @@ def preset_names() -> list[str]:
 
 
 def _preset_text(name: str) -> str:
-    path = resources.files("speedrun.presets") / f"{name}.toml"
-    if not path.is_file():
+    if name not in preset_names():  # checked first: a name is never a path (too long, '../x', ...)
         raise ConfigError(f"unknown preset '{name}'; choose one of: {', '.join(preset_names())}")
-    return path.read_text()
+    return (resources.files("speedrun.presets") / f"{name}.toml").read_text()
 
 
 def _coerce(key: str, value, hint, where: str):
@@ -160,11 +160,19 @@ def _coerce(key: str, value, hint, where: str):
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: '{key}' must be an integer, got {value!r}")
+        if not -2**63 <= value < 2**63:
+            raise ConfigError(f"{where}: '{key}' is out of range, got {value!r:.40}")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float range
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: '{key}' must be a finite number, got {value!r:.40}")
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
@@ -221,6 +229,9 @@ def load_config(preset: str | None = None, file: str | Path | None = None, overr
             raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        except (ValueError, RecursionError) as e:  # integers over 4300 digits; nesting deeper than the stack
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"{path}: not valid TOML ({reason})") from None
         if preset is None and isinstance(file_table.get("preset"), str):
             preset = file_table["preset"]
     if preset is not None:
@@ -282,7 +293,7 @@ def validate(cfg: Config) -> None:
     if d.batch_tokens % (d.seq_len * d.micro_batch_seqs):
         raise ConfigError(f"'data.batch_tokens' ({d.batch_tokens}) must be a multiple of data.seq_len × data.micro_batch_seqs "
                           f"({d.seq_len * d.micro_batch_seqs})")
-    if m.attention == "flex" and d.seq_len % m.window_block:
+    if m.attention == "flex" and m.window_block > 0 and d.seq_len % m.window_block:  # <= 0: refused below
         raise ConfigError(f"'data.seq_len' ({d.seq_len}) must be a multiple of model.window_block ({m.window_block}) for flex attention")
     if set(m.long_short_pattern) - {"L", "S"} or len(m.long_short_pattern) != m.n_layer:
         raise ConfigError(f"'model.long_short_pattern' must be {m.n_layer} letters L or S (one per layer), "
@@ -381,6 +392,9 @@ def to_toml(cfg: Config) -> str:
 
 
 def from_dict(table: dict, where: str = "config") -> Config:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table of [model], [optim], [data] and [train] settings, "
+                          f"got {type(table).__name__}")
     cfg = Config()
     _apply(cfg, table, where)
     validate(cfg)

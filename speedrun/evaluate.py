@@ -80,6 +80,8 @@ def read_hellaswag(path: str | Path) -> list[tuple[str, list[str], int]]:
         lines = path.read_text().splitlines()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
     items = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -87,7 +89,7 @@ def read_hellaswag(path: str | Path) -> list[tuple[str, list[str], int]]:
         try:
             row = json.loads(line)
             ctx, endings, label = row["ctx"], row["endings"], int(row["label"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError, RecursionError):  # OverflowError: label Infinity
             raise DataError(f"{path}:{n}: not a HellaSwag item (a JSON object with ctx, endings and label)") from None
         if not (isinstance(ctx, str) and isinstance(endings, list) and len(endings) == 4
                 and all(isinstance(e, str) for e in endings) and 0 <= label < 4):

@@ -13,7 +13,7 @@ from safetensors.torch import load_model as load_weights, save_model
 
 from speedrun import checkpoint
 from speedrun.attention import window_tokens
-from speedrun.config import Config, from_dict, to_dict
+from speedrun.config import Config, ConfigError, from_dict, to_dict
 from speedrun.distributed import pick_device
 from speedrun.errors import DataError, UsageError
 from speedrun.model import GPT, activation_dtype
@@ -57,11 +57,15 @@ def _build(cfg: Config, weights: Path, device: torch.device) -> GPT:
 
 
 def _read_export_config(folder: Path) -> Config:
+    path = folder / CONFIG
     try:
-        table = json.loads((folder / CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{folder / CONFIG}: cannot read the config ({e})") from None
-    return from_dict(table, str(folder / CONFIG))
+        table = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON, a 5000-digit number
+        raise DataError(f"{path}: cannot read the config ({checkpoint._first_line(e)})") from None
+    try:
+        return from_dict(table, str(path))
+    except ConfigError as e:  # a damaged export is bad data (exit 1), whatever value the damage hit
+        raise DataError(str(e) if str(e).startswith(str(path)) else f"{path}: damaged ({e})") from None
 
 
 def from_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> GPT:

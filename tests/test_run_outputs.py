@@ -405,9 +405,6 @@ def test_keep_leaves_the_newest_checkpoints(main_run, log_every_run, which, keep
         assert json.loads((ckpt / "state.json").read_text())["step"] == step
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint.list_checkpoints sorts step_NNNNNN names as text, so step_1000000 "
-                   "comes before step_999999: past a million steps --keep deletes the newest checkpoints and "
-                   "--resume auto continues from an older one")
 def test_checkpoints_past_a_million_steps_are_ordered_by_step(tmp_path):
     from speedrun import checkpoint
     for step in (999_999, 1_000_000):

@@ -30,6 +30,10 @@ _BATCH_CHARS = 4_000_000
 _BLANK_LINE = re.compile(r"\n\s*\n")
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def _read_text(path: Path) -> str:
     try:
         return path.read_bytes().decode("utf-8")
@@ -58,6 +62,8 @@ def _jsonl_documents(path: Path) -> Iterator[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            except (ValueError, RecursionError) as e:  # a number of over 4300 digits; nesting deeper than the stack
+                raise DataError(f"{path}:{lineno}: not valid JSON ({_first_line(e)})") from None
             if not isinstance(record, dict) or "text" not in record:
                 raise DataError(f"{path}:{lineno}: no 'text' field")
             if not isinstance(record["text"], str):
@@ -79,10 +85,13 @@ def _parquet_documents(path: Path) -> Iterator[str]:
     kind = table.schema_arrow.field("text").type
     if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind)):
         raise DataError(f"{path}: column 'text' holds {kind}, not strings")
-    for batch in table.iter_batches(columns=["text"], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-            if text is not None:
-                yield text
+    try:
+        for batch in table.iter_batches(columns=["text"], batch_size=1024):
+            for text in batch.column(0).to_pylist():
+                if text is not None:
+                    yield text
+    except (pyarrow.ArrowException, OSError, UnicodeDecodeError) as e:  # damaged pages, or strings not UTF-8
+        raise DataError(f"{path}: damaged parquet data ({_first_line(e)})") from None
 
 
 def iter_documents(paths: list[Path], blank_line_docs: bool = False) -> Iterator[str]:

@@ -234,8 +234,11 @@ class TrainLoader:
                 "shard_boundary": self.shard_boundary, "files": [f.name for f in self.files]}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
+        if isinstance(state, dict) and state.get("version") != STATE_VERSION:
             raise DataError(f"data loader state has version {state.get('version')}, expected {STATE_VERSION}")
+        problem = state_problem(state)
+        if problem:
+            raise DataError(f"data loader state is damaged ({problem})")
         mine = self.state_dict()
         state = {"shard_boundary": "sequence", **state}  # states saved before the option existed were "sequence"
         for key in ("seed", "seq_len", "bos_aligned", "shard_boundary"):
@@ -249,6 +252,28 @@ class TrainLoader:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def state_problem(state) -> str | None:
+    """What makes `state` unusable as a TrainLoader.state_dict() of this version, or None: the
+    checks a checkpoint's loader position must pass before resuming from it."""
+    if not isinstance(state, dict):
+        return "the loader position is not a JSON object"
+    if state.get("version") != STATE_VERSION:
+        return f"loader state version {state.get('version')!r:.40}, expected {STATE_VERSION}"
+    kinds = {"step": int, "epoch": int, "shard": int, "sequence": int, "seed": int, "seq_len": int,
+             "bos_aligned": bool, "files": list}
+    for key, kind in kinds.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 0 and key != "seed")):
+            return f"loader {key} is {value!r:.40}, expected {'a count' if kind is int else kind.__name__}"
+    if not state["files"] or not all(isinstance(f, str) for f in state["files"]):
+        return "loader files is not a list of shard names"
+    if state["shard"] >= len(state["files"]):
+        return f"loader shard {state['shard']} is beyond its {len(state['files'])} files"
+    if state.get("shard_boundary", "sequence") not in SHARD_BOUNDARIES:
+        return f"loader shard_boundary is {state.get('shard_boundary')!r:.40}"
+    return None
 
 
 def val_batches(files: list[str | Path], *, val_tokens: int, seq_len: int, rank: int = 0, world_size: int = 1,
