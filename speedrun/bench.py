@@ -18,6 +18,7 @@ import time
 import torch
 
 from speedrun.config import load_config
+from speedrun.errors import UsageError
 from speedrun.distributed import setup, teardown
 from speedrun.runlog import device_description, peak_flops
 
@@ -110,6 +111,8 @@ def register(sub) -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from speedrun.train import default_preset
 
+    if args.steps < 1 or args.warmup < 0:
+        raise UsageError(f"--steps must be at least 1 and --warmup at least 0, got {args.steps} and {args.warmup}")
     preset = args.preset or default_preset()
     for name in [preset] + ([args.vs] if args.vs else []):
         load_config(name, None, args.set)  # every preset and override checked before the first benchmark

@@ -93,3 +93,9 @@ def test_bench_checks_every_preset_before_measuring():
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "speedrun bench: error: unknown preset 'no-such-preset'; choose one of: "
         "baseline-tiny, gpt2-baseline, gpt2-medium-speedrun, gpt2-speedrun, tiny"]
+
+
+def test_bench_needs_at_least_one_timed_step():
+    r = run_cli("bench", "--preset", "tiny", "--steps", "0", check=False)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "speedrun bench: error: --steps must be at least 1 and --warmup at least 0, got 0 and 3"]
