@@ -30,7 +30,7 @@ from safetensors.torch import load_model, save_model
 from speedrun.config import Config, ConfigError, from_dict, to_toml
 from speedrun.data.loader import state_problem
 from speedrun.distributed import Runtime, barrier
-from speedrun.errors import DataError, UsageError
+from speedrun.errors import DataError, UsageError, first_line
 
 PREFIX = "step_"
 
@@ -90,7 +90,7 @@ def read_config(ckpt: Path) -> Config:
     except FileNotFoundError:
         raise DataError(f"{path}: missing; the checkpoint cannot be resumed or loaded without its config") from None
     except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, not TOML, a 5000-digit integer
-        raise DataError(f"{path}: damaged ({_first_line(e)})") from None
+        raise DataError(f"{path}: damaged ({first_line(e)})") from None
     try:
         return from_dict(table, str(path))
     except ConfigError as e:  # a damaged checkpoint is bad data (exit 1), whatever value the damage hit
@@ -149,7 +149,7 @@ def read_state(ckpt: Path) -> dict:
     try:
         state = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as e:
-        raise DataError(f"{path}: not a readable checkpoint state ({_first_line(e)})") from None
+        raise DataError(f"{path}: not a readable checkpoint state ({first_line(e)})") from None
     if not (isinstance(state, dict) and type(state.get("step")) is int and type(state.get("world_size")) is int
             and state["step"] >= 0 and state["world_size"] >= 1):
         raise DataError(f"{path}: not a readable checkpoint state (expected a JSON object with an integer step >= 0 "
@@ -168,7 +168,7 @@ def load(ckpt: Path, model: torch.nn.Module, optimizers: list, rt: Runtime) -> d
     try:
         load_model(model, str(ckpt / "model.safetensors"), strict=True)
     except Exception as e:  # safetensors raises several types; all mean the same thing here
-        raise DataError(f"{ckpt / 'model.safetensors'}: cannot load weights ({_first_line(e)})") from None
+        raise DataError(f"{ckpt / 'model.safetensors'}: cannot load weights ({first_line(e)})") from None
     rank_files = sorted(ckpt.glob("rank_*.pt"))
     if len(rank_files) != state["world_size"]:
         raise DataError(f"{ckpt}: expected {state['world_size']} rank files, found {len(rank_files)}")
@@ -177,7 +177,7 @@ def load(ckpt: Path, model: torch.nn.Module, optimizers: list, rt: Runtime) -> d
         _restore(payloads, optimizers, rt)
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise DataError(f"{ckpt}: rank_*.pt files do not hold this run's optimizer and RNG states "
-                        f"({type(e).__name__}: {_first_line(e)})") from None
+                        f"({type(e).__name__}: {first_line(e)})") from None
     return state
 
 
@@ -202,10 +202,6 @@ def _restore(payloads: list, optimizers: list, rt: Runtime) -> None:
         torch.cuda.set_rng_state(own["rng_cuda"].cpu(), rt.device)
 
 
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 def _load_tensors(path: Path, device: torch.device) -> dict:
     """weights_only refuses any pickle that would construct arbitrary objects or call functions."""
     try:
@@ -214,7 +210,7 @@ def _load_tensors(path: Path, device: torch.device) -> dict:
             warnings.simplefilter("ignore")
             return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise DataError(f"{path}: not a loadable checkpoint file; refused to unpickle it ({_first_line(e)})") from None
+        raise DataError(f"{path}: not a loadable checkpoint file; refused to unpickle it ({first_line(e)})") from None
 
 
 def _check_records(path: Path) -> None:
@@ -236,7 +232,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     try:
         text = path.read_text()
     except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read the run's metrics ({_first_line(e)})") from None
+        raise DataError(f"{path}: cannot read the run's metrics ({first_line(e)})") from None
     lines, kept = text.splitlines(), []
     for i, line in enumerate(lines, 1):
         if not line.strip():

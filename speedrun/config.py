@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 
-from speedrun.errors import UsageError
+from speedrun.errors import UsageError, first_line
 
 
 class ConfigError(UsageError):
@@ -227,11 +227,8 @@ def load_config(preset: str | None = None, file: str | Path | None = None, overr
             raise ConfigError(f"{path}: not a text file; expected a TOML config") from None
         except OSError as e:
             raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML ({e})") from None
-        except (ValueError, RecursionError) as e:  # integers over 4300 digits; nesting deeper than the stack
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ConfigError(f"{path}: not valid TOML ({reason})") from None
+        except (ValueError, RecursionError) as e:  # TOMLDecodeError, integers over 4300 digits, deep nesting
+            raise ConfigError(f"{path}: not valid TOML ({first_line(e)})") from None
         if preset is None and isinstance(file_table.get("preset"), str):
             preset = file_table["preset"]
     if preset is not None:

@@ -51,12 +51,11 @@ class Context:
 
 
 def _first_line(e: BaseException) -> str:
-    from speedrun.errors import SpeedrunError
+    from speedrun.errors import SpeedrunError, first_line
 
-    lines = str(e).strip().splitlines()
-    text = lines[0] if lines else ""
     # our own errors are written to be read as they are; anything else needs its type to make sense
-    return text if isinstance(e, SpeedrunError) and text else f"{type(e).__name__}: {text}".rstrip(": ")
+    text = first_line(e)
+    return text if isinstance(e, SpeedrunError) or text == type(e).__name__ else f"{type(e).__name__}: {text}"
 
 
 def _torch_version_ok(version: str) -> bool:
@@ -411,8 +410,10 @@ def check_data(ctx: Context) -> Iterator[Line]:
 
 
 def _enough_tokens(ctx: Context, train_tokens: int, val_tokens: int) -> Iterator[Line]:
+    from speedrun.train import tokens_needed
+
     d, steps = ctx.cfg.data, ctx.cfg.train.steps
-    needed = steps * d.batch_tokens
+    needed, val_needed = tokens_needed(ctx.cfg)
     passes = needed / train_tokens if train_tokens else float("inf")
     run = f"{steps} steps × {d.batch_tokens:,} = {needed:,}"
     if train_tokens >= needed:
@@ -427,8 +428,6 @@ def _enough_tokens(ctx: Context, train_tokens: int, val_tokens: int) -> Iterator
         yield FAIL, (f"data: data.val_tokens ({d.val_tokens:,}) holds no whole sequence of "
                      f"data.val_seq_len ({d.val_seq_len:,})")
         return
-    # as the loader reads it: whole val_seq_len sequences, plus the one token the last target needs
-    val_needed = d.val_tokens // d.val_seq_len * d.val_seq_len + 1
     what = f"{val_needed:,} that data.val_tokens = {d.val_tokens:,} needs"
     if val_tokens >= val_needed:
         yield OK, f"data: val holds {val_tokens:,} tokens ≥ {what}"

@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from speedrun.checkpoint import _first_line
 from speedrun.data.corpus import cache_root
 from speedrun.data.tokenizer import EOT, gpt2
-from speedrun.errors import DataError, UsageError
+from speedrun.errors import DataError, UsageError, first_line
 from speedrun.export import final_window, load_model
 from speedrun.model import GPT
 
@@ -63,7 +62,7 @@ def fetch_hellaswag() -> Path:
             rows = parquet.read_table(downloaded).to_pylist()
         except Exception as e:
             raise DataError(f"download of {HELLASWAG_REPO}/{HELLASWAG_PARQUET} failed "
-                            f"({type(e).__name__}: {_first_line(e)})") from None
+                            f"({type(e).__name__}: {first_line(e)})") from None
         if len(rows) != HELLASWAG_ITEMS:
             raise DataError(f"{HELLASWAG_REPO}/{HELLASWAG_PARQUET} holds {len(rows)} items, expected {HELLASWAG_ITEMS}")
         staged = Path(tmp) / path.name

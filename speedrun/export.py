@@ -15,7 +15,7 @@ from speedrun import checkpoint
 from speedrun.attention import window_tokens
 from speedrun.config import Config, ConfigError, from_dict, to_dict
 from speedrun.distributed import pick_device
-from speedrun.errors import DataError, UsageError
+from speedrun.errors import DataError, UsageError, first_line
 from speedrun.model import GPT, activation_dtype
 
 WEIGHTS = "model.safetensors"
@@ -52,7 +52,7 @@ def _build(cfg: Config, weights: Path, device: torch.device) -> GPT:
     try:
         load_weights(model, str(weights), strict=True, device=str(device))
     except Exception as e:  # safetensors raises several types; all mean the same thing here
-        raise DataError(f"{weights}: cannot load weights ({checkpoint._first_line(e)})") from None
+        raise DataError(f"{weights}: cannot load weights ({first_line(e)})") from None
     return model.eval()
 
 
@@ -61,7 +61,7 @@ def _read_export_config(folder: Path) -> Config:
     try:
         table = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON, a 5000-digit number
-        raise DataError(f"{path}: cannot read the config ({checkpoint._first_line(e)})") from None
+        raise DataError(f"{path}: cannot read the config ({first_line(e)})") from None
     try:
         return from_dict(table, str(path))
     except ConfigError as e:  # a damaged export is bad data (exit 1), whatever value the damage hit

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from speedrun.attention import NO_WINDOW, window_blocks, window_tokens
+from speedrun.attention import NO_WINDOW, SHRINK, window_blocks, window_tokens
 from speedrun.config import Config, load_config, scale_steps
 from speedrun.errors import SpeedrunError, UsageError
 from speedrun.optim import lr_multiplier, muon_momentum
@@ -36,7 +36,7 @@ def _windows(step: int, total: int, cfg: Config) -> dict:
         return dict.fromkeys(STEPPED[:4])
     block = m.window_block
     if m.window_granularity == "block":
-        short_blocks = window_blocks(long, block, 2)
+        short_blocks = window_blocks(long, block, SHRINK["S"])
         short = short_blocks * block
     else:
         # The token rule compares (q - kv)·2 < window, so an odd window halves to a fraction.

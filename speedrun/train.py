@@ -25,7 +25,7 @@ from speedrun.data.corpus import builtin_corpus_dir, cache_root
 from speedrun.data.loader import TrainLoader, find_shards, val_batches, val_fingerprint
 from speedrun.distributed import (GradientAverager, Runtime, all_reduce_sum, backend_name, barrier, broadcast_parameters,
                                   setup, teardown)
-from speedrun.errors import DataError, SpeedrunError, UsageError
+from speedrun.errors import DataError, SpeedrunError, UsageError, first_line
 from speedrun.model import GPT, fp8_supported
 from speedrun.optim import apply_schedule, build_optimizers, lr_multiplier
 from speedrun.runlog import RunLog, device_description, peak_flops
@@ -83,18 +83,25 @@ def _data_files(cfg: Config):
     return data_dir, *find_shards(data_dir, cfg.data.train_pattern, cfg.data.val_pattern)
 
 
+def tokens_needed(cfg: Config) -> tuple[int, int]:
+    """(train, val) tokens a run reads: every step's batch once, and whole val sequences plus the
+    one token the last target needs (as val_batches reads them)."""
+    d = cfg.data
+    return cfg.train.steps * d.batch_tokens, d.val_tokens // d.val_seq_len * d.val_seq_len + 1
+
+
 def check_run_data(cfg: Config) -> None:
     """What the shards must hold for this run, checked before any model is built: enough train
     tokens for every step (unless data.allow_repeat), enough val tokens, and no token id beyond
     the model's vocabulary."""
     data_dir, train_files, val_files = _data_files(cfg)
     d, steps = cfg.data, cfg.train.steps
-    held, needed = sum(shards.read_header(f) for f in train_files), steps * d.batch_tokens
+    needed, val_needed = tokens_needed(cfg)
+    held = sum(shards.read_header(f) for f in train_files)
     if held < needed and not d.allow_repeat:
         raise DataError(f"{data_dir}: the train shards hold {held:,} tokens but {steps} steps × {d.batch_tokens:,} "
                         f"need {needed:,}, {needed / max(held, 1):.1f} passes over the data; allow repeating them "
                         "with --set data.allow_repeat=true")
-    val_needed = d.val_tokens // d.val_seq_len * d.val_seq_len + 1
     val_held = sum(shards.read_header(f) for f in val_files)
     if val_held < val_needed:
         raise DataError(f"{data_dir}: the val shards hold {val_held:,} tokens, fewer than the {val_needed:,} that "
@@ -498,7 +505,7 @@ def _record_stop(trainer: Trainer, log: RunLog, run_dir: Path, error: BaseExcept
     """A run that ends early says why in log.txt and summary.json ("status": "failed" or
     "interrupted"), so that compare and plot show it as such and record refuses it."""
     status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    reason = first_line(error)
     log.line(f"{status} at step {trainer.step}: {reason}")
     if trainer.rt.is_main:
         checkpoint.write_json(run_dir / "summary.json", {

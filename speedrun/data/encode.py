@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from speedrun.data import shards, tokenizer
-from speedrun.errors import DataError, UsageError
+from speedrun.errors import DataError, UsageError, first_line
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
@@ -28,10 +28,6 @@ DEFAULT_SHARD_TOKENS = 100_000_000  # the size of the FineWeb shards
 _BATCH_DOCS = 256
 _BATCH_CHARS = 4_000_000
 _BLANK_LINE = re.compile(r"\n\s*\n")
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _read_text(path: Path) -> str:
@@ -63,7 +59,7 @@ def _jsonl_documents(path: Path) -> Iterator[str]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             except (ValueError, RecursionError) as e:  # a number of over 4300 digits; nesting deeper than the stack
-                raise DataError(f"{path}:{lineno}: not valid JSON ({_first_line(e)})") from None
+                raise DataError(f"{path}:{lineno}: not valid JSON ({first_line(e)})") from None
             if not isinstance(record, dict) or "text" not in record:
                 raise DataError(f"{path}:{lineno}: no 'text' field")
             if not isinstance(record["text"], str):
@@ -91,7 +87,7 @@ def _parquet_documents(path: Path) -> Iterator[str]:
                 if text is not None:
                     yield text
     except (pyarrow.ArrowException, OSError, UnicodeDecodeError) as e:  # damaged pages, or strings not UTF-8
-        raise DataError(f"{path}: damaged parquet data ({_first_line(e)})") from None
+        raise DataError(f"{path}: damaged parquet data ({first_line(e)})") from None
 
 
 def iter_documents(paths: list[Path], blank_line_docs: bool = False) -> Iterator[str]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from speedrun.data import shards
-from speedrun.errors import DataError, UsageError
+from speedrun.errors import DataError, UsageError, first_line
 
 
 @dataclass(frozen=True)
@@ -42,11 +42,6 @@ def _complete(path: Path) -> bool:
     return True
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def check_reachable(repo: str, filename: str, revision: str) -> None:
     """One HEAD request without retries, so that an unreachable hub fails in a second with a plain
     message, instead of after huggingface_hub's half-minute of retries and warnings."""
@@ -57,10 +52,10 @@ def check_reachable(repo: str, filename: str, revision: str) -> None:
     try:
         get_hf_file_metadata(url)
     except HfHubHTTPError as e:
-        raise DataError(f"the Hugging Face hub refused {repo}/{filename}: {_first_line(e)}") from None
+        raise DataError(f"the Hugging Face hub refused {repo}/{filename}: {first_line(e)}") from None
     except Exception as e:
         raise DataError(f"cannot reach the Hugging Face hub at {constants.ENDPOINT} "
-                        f"({type(e).__name__}: {_first_line(e)}); check the network or HF_ENDPOINT") from None
+                        f"({type(e).__name__}: {first_line(e)}); check the network or HF_ENDPOINT") from None
 
 
 def download_fineweb(dataset: str = DEFAULT_DATASET, train_shards: int = DEFAULT_TRAIN_SHARDS,
@@ -103,7 +98,7 @@ def download_fineweb(dataset: str = DEFAULT_DATASET, train_shards: int = DEFAULT
             except KeyboardInterrupt:
                 raise
             except Exception as e:
-                raise DataError(f"download of {info.repo}/{name} failed ({type(e).__name__}: {_first_line(e)})") from None
+                raise DataError(f"download of {info.repo}/{name} failed ({type(e).__name__}: {first_line(e)})") from None
             try:
                 shards.read_header(out / name)
             except DataError as e:
