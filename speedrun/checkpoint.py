@@ -186,7 +186,11 @@ def _restore(payloads: list, optimizers: list, rt: Runtime) -> None:
         merged = payloads[0]["optimizers"][i]
         for other in payloads[1:]:
             merged["state"].update(other["optimizers"][i]["state"])
-        opt.load_state_dict(merged)
+        # The groups' settings come from this run's config (the schedule resets lr and momentum at
+        # every step); only the per-parameter state is restored. Older checkpoints grouped the same
+        # parameters, in the same order, into other groups (config version 1: one AdamW group for
+        # every matrix), and resume exactly this way.
+        opt.load_state_dict({"state": merged["state"], "param_groups": opt.state_dict()["param_groups"]})
         owns = getattr(opt, "owns", None)
         if owns is not None:  # drop what another rank now owns, so it is neither used nor saved stale
             for p in [p for g in opt.param_groups for p in g["params"]]:

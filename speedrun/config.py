@@ -69,8 +69,8 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    muon: bool = True  # Muon for hidden matrices; false puts every parameter in Adam(W)
-    muon_lr: float = 0.05
+    hidden_optimizer: str = "muon"  # the optimizer of the hidden matrices: muon | adam; every other group uses adam
+    lr_hidden: float = 0.05
     muon_momentum: float = 0.95
     muon_momentum_start: float = 0.85
     muon_momentum_warmup_steps: int = 300
@@ -81,7 +81,6 @@ class OptimConfig:
     lr_head: float = 0.008
     lr_embed: float = 0.6
     lr_scalar: float = 0.04
-    lr_adam: float = 0.0  # the single AdamW lr when muon = false
     weight_decay: float = 0.0
     grad_clip: float = 0.0  # 0 disables
     schedule: str = "trapezoid"  # trapezoid (constant then linear cooldown) | cosine
@@ -266,6 +265,7 @@ _CHOICES = {
     ("model", "activation_dtype"): ("auto", "bfloat16", "float32"),
     ("data", "shard_boundary"): ("batch", "sequence"),
     ("optim", "schedule"): ("trapezoid", "cosine"),
+    ("optim", "hidden_optimizer"): ("muon", "adam"),
     ("train", "device"): ("auto", "cpu", "cuda"),
 }
 
@@ -301,8 +301,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'model.value_embeds' ({m.value_embeds}) needs at least twice as many layers, got {m.n_layer}")
     if m.positional == "learned" and d.seq_len > m.max_seq_len:
         raise ConfigError(f"'data.seq_len' ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}) for learned positions")
-    if not cfg.optim.muon and cfg.optim.lr_adam <= 0:
-        raise ConfigError("'optim.lr_adam' must be positive when optim.muon = false")
 
 
 def _validate_model_shapes(m: ModelConfig) -> None:
@@ -332,7 +330,7 @@ def _validate_ranges(cfg: Config) -> None:
     not be negative, fractions lie in [0, 1] and momenta and betas in [0, 1)."""
     o, m = cfg.optim, cfg.model
     checks = [(f"optim.{k}", getattr(o, k), 0.0, None) for k in
-              ("muon_lr", "lr_head", "lr_embed", "lr_scalar", "lr_adam", "weight_decay", "grad_clip")]
+              ("lr_hidden", "lr_head", "lr_embed", "lr_scalar", "weight_decay", "grad_clip")]
     checks += [(f"optim.{k}", getattr(o, k), 0, None) for k in ("warmup_steps", "muon_momentum_warmup_steps")]
     checks += [(f"optim.{k}", getattr(o, k), 0.0, 1.0) for k in ("cooldown_frac", "final_lr_frac")]
     checks += [("model.logit_softcap", m.logit_softcap, 0.0, None), ("model.attn_scale", m.attn_scale, 0.0, None),

@@ -54,7 +54,7 @@ def schedule_rows(cfg: Config) -> list[dict]:
         rows.append({
             "step": step,
             "lr": lr_multiplier(step, total, cfg.optim),
-            "muon_momentum": muon_momentum(step, cfg.optim) if cfg.optim.muon else None,
+            "muon_momentum": muon_momentum(step, cfg.optim) if cfg.optim.hidden_optimizer == "muon" else None,
             **_windows(step, total, cfg),
             # Constant today; per step so that batch-size or sequence-length schedules fit later.
             "tokens_per_step": cfg.data.batch_tokens,
@@ -181,7 +181,7 @@ def plot_schedule(label: str, rows: list[dict]):
     axes[0].set_ylabel("lr multiplier")
     axes[0].set_ylim(bottom=0)
     if rows[0]["muon_momentum"] is None:
-        _no_data(axes[1], "no Muon (optim.muon = false)")
+        _no_data(axes[1], "no Muon (optim.hidden_optimizer = adam)")
     else:
         axes[1].plot(steps, [r["muon_momentum"] for r in rows], color="tab:orange")
     axes[1].set_ylabel("Muon momentum")

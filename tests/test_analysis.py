@@ -122,12 +122,12 @@ def test_record_matches_scipy_and_numpy(tmp_path, monkeypatch, capsys):
 
 def test_record_refuses_mixed_configs_val_sets_and_single_runs(tmp_path, monkeypatch, capsys):
     a = make_run(tmp_path / "a")
-    b = make_run(tmp_path / "b", sets=["optim.muon_lr=0.06"])
+    b = make_run(tmp_path / "b", sets=["optim.lr_hidden=0.06"])
     c = make_run(tmp_path / "c", val_set={"sha256": "cd" * 32, "tokens": 10485760})
 
     assert speedrun(monkeypatch, "record", a, b) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("speedrun record: error: runs a and b have different configs (optim.muon_lr = 0.05 vs 0.06)")
+    assert err.startswith("speedrun record: error: runs a and b have different configs (optim.lr_hidden = 0.05 vs 0.06)")
     assert "\n" not in err
 
     assert speedrun(monkeypatch, "record", a, c) == 2

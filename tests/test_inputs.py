@@ -11,7 +11,7 @@ from speedrun.data import shards
 
 
 @pytest.mark.parametrize("override,message", [
-    ("optim.muon_lr=-0.1", "'optim.muon_lr' must be at least 0.0, got -0.1"),
+    ("optim.lr_hidden=-0.1", "'optim.lr_hidden' must be at least 0.0, got -0.1"),
     ("optim.lr_embed=-1", "'optim.lr_embed' must be at least 0.0, got -1.0"),
     ("optim.cooldown_frac=1.5", "'optim.cooldown_frac' must be in [0.0, 1.0], got 1.5"),
     ("optim.final_lr_frac=-0.1", "'optim.final_lr_frac' must be in [0.0, 1.0], got -0.1"),

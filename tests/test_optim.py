@@ -203,7 +203,7 @@ def test_build_optimizers_muon_mode(tied):
     assert isinstance(opts[0], torch.optim.Adam) and isinstance(opts[1], Muon) and len(opts) == 2
     where = _placement(opts)
     assert len(where) == sum(len(v) for v in groups.values())
-    lrs = {"hidden": cfg.muon_lr, "embed": cfg.lr_embed, "head": cfg.lr_head, "scalar": cfg.lr_scalar}
+    lrs = {"hidden": cfg.lr_hidden, "embed": cfg.lr_embed, "head": cfg.lr_head, "scalar": cfg.lr_scalar}
     for name, params in groups.items():
         for p in params:
             i, group = where[id(p)]
@@ -216,7 +216,8 @@ def test_build_optimizers_muon_mode(tied):
 
 
 def test_build_optimizers_adamw_mode():
-    cfg = OptimConfig(muon=False, lr_adam=6e-4, weight_decay=0.1, adam_betas=[0.9, 0.95], adam_eps=1e-8)
+    cfg = OptimConfig(hidden_optimizer="adam", lr_hidden=6e-4, lr_head=6e-4, lr_embed=6e-4, lr_scalar=6e-4,
+                      weight_decay=0.1, adam_betas=[0.9, 0.95], adam_eps=1e-8)
     groups = _groups()
     (opt,) = build_optimizers(groups, cfg)
     assert isinstance(opt, torch.optim.AdamW)

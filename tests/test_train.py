@@ -54,7 +54,7 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_nan_loss_stops_with_the_step_and_nonzero_exit(tmp_path):
     r = run_cli("train", "--preset", "baseline-tiny", "--steps", "6", "--out", str(tmp_path / "nan"), *SMALL_RUN,
-                "--set", "optim.lr_adam=1e30", "--set", "optim.grad_clip=0.0", "--set", "optim.warmup_steps=0",
+                "--set", "optim.lr_hidden=1e30", "--set", "optim.grad_clip=0.0", "--set", "optim.warmup_steps=0",
                 check=False)
     assert r.returncode == 1
     (line,) = r.stderr.strip().splitlines()[-1:]
@@ -155,8 +155,8 @@ def test_resume_applies_steps_and_data_and_refuses_other_changes(four_step_run, 
     run = tmp_path / "run"
     shutil.copytree(four_step_run, run)
     before = _snapshot(run)
-    r = run_cli("train", "--resume", str(run), "--set", "optim.muon_lr=0.1", check=False)
-    assert r.returncode == 2 and "optim.muon_lr cannot change on resume" in r.stderr.strip().splitlines()[-1]
+    r = run_cli("train", "--resume", str(run), "--set", "optim.lr_hidden=0.1", check=False)
+    assert r.returncode == 2 and "optim.lr_hidden cannot change on resume" in r.stderr.strip().splitlines()[-1]
     assert _snapshot(run) == before
     from speedrun.data.corpus import builtin_corpus_dir
     moved = tmp_path / "moved-data"

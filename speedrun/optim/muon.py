@@ -1,5 +1,4 @@
-"""Optimizers and their schedules: Muon for the hidden matrices, Adam for everything else (or a
-single AdamW for the nanoGPT baseline), plus the per-step lr and Muon-momentum schedules.
+"""Muon: momentum SGD whose update is orthogonalised by Newton–Schulz, for the hidden matrices.
 
 Under torch.distributed with W > 1 ranks, Muon is sharded: each rank orthogonalises a 1/W share
 of the hidden matrices and the updates are all-gathered, so Muon's momentum buffers exist only on
@@ -9,7 +8,6 @@ the rank that owns the matrix. Adam's state is replicated on every rank.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.distributed as dist
@@ -148,66 +146,8 @@ class Muon(torch.optim.Optimizer):
         self._apply(chunk, gathered.view(self.world_size, -1), group)
 
 
-def build_optimizers(param_groups: dict[str, list[Tensor]], cfg: OptimConfig, fused: bool = False) -> list[torch.optim.Optimizer]:
-    """Optimizers for the model's parameter groups ("hidden", "embed", "head" (absent when tied),
-    "scalar"). Each group's starting lr is kept as group["base_lr"] for `apply_schedule`.
-
-    Weight decay follows nanoGPT's rule in both modes: matrices (head, embeddings, hidden) decay,
-    vectors and scalars never do. AdamW is used in the Muon mode too: with weight_decay = 0 (the
-    speedrun setting) it is exactly Adam, and otherwise it decays decoupled from the gradient."""
-    unknown = set(param_groups) - {"hidden", "embed", "head", "scalar"}
-    if unknown:
-        raise ValueError(f"unknown parameter groups {sorted(unknown)}")
-    adam = dict(betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, fused=fused)
-    if cfg.muon:
-        lrs = {"head": cfg.lr_head, "embed": cfg.lr_embed, "scalar": cfg.lr_scalar}
-        groups = [dict(params=list(param_groups[k]), lr=lr, weight_decay=0.0 if k == "scalar" else cfg.weight_decay)
-                  for k, lr in lrs.items() if param_groups.get(k)]
-        opts = [torch.optim.AdamW(groups, **adam)]
-        if param_groups.get("hidden"):
-            opts.append(Muon(param_groups["hidden"], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                             nesterov=cfg.muon_nesterov, ns_steps=cfg.ns_steps, weight_decay=cfg.weight_decay))
-    else:
-        params = [p for k in ("hidden", "embed", "head", "scalar") for p in param_groups.get(k, [])]
-        groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=cfg.weight_decay),
-                  dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
-        opts = [torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr_adam, **adam)]
-    for opt in opts:
-        for group in opt.param_groups:
-            group["base_lr"] = group["lr"]
-    return opts
 
 
-def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    """Factor on every base lr at `step` (0-based) of a `total_steps` run; reaches final_lr_frac at
-    step == total_steps."""
-    step = min(max(step, 0), total_steps)
-    # Step 0 gets a nonzero lr so no step is wasted; the ramp reaches 1 at step warmup_steps - 1.
-    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
-    final = cfg.final_lr_frac
-    if cfg.schedule == "trapezoid":
-        left = (total_steps - step) / total_steps  # fraction of the run still to go
-        w = min(left / cfg.cooldown_frac, 1.0) if cfg.cooldown_frac > 0 else 1.0
-        return warm * (w + (1 - w) * final)
-    if cfg.schedule == "cosine":
-        if step < cfg.warmup_steps:
-            return warm
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown lr schedule '{cfg.schedule}'")
-
-
-def muon_momentum(step: int, cfg: OptimConfig) -> float:
-    frac = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps > 0 else 1.0
-    return (1 - frac) * cfg.muon_momentum_start + frac * cfg.muon_momentum
-
-
-def apply_schedule(opts: list[torch.optim.Optimizer], step: int, total_steps: int, cfg: OptimConfig) -> None:
-    """Set every group's lr (and Muon's momentum) for the optimizer step about to run at `step`."""
-    mult = lr_multiplier(step, total_steps, cfg)
-    momentum = muon_momentum(step, cfg)
-    for opt in opts:
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * mult
-            if isinstance(opt, Muon):
-                group["momentum"] = momentum
+def build(groups: list[dict], cfg: OptimConfig, fused: bool = False) -> Muon:
+    """Muon over `groups` (each with its own lr and weight_decay); `fused` has no meaning here."""
+    return Muon(groups, momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov, ns_steps=cfg.ns_steps)

@@ -1,0 +1,82 @@
+"""Optimizers by kind, and the per-step schedules.
+
+The model sorts its parameters into roles (GPT.param_groups: hidden, head, embed, scalar); each
+role becomes one parameter group tagged with the `kind` of optimizer that updates it (the hidden
+matrices: optim.hidden_optimizer; every other role: adam), its lr and its weight decay. Each kind
+present builds one optimizer from its module's `build(groups, cfg, fused)`: a new optimizer is one
+module and one entry in OPTIMIZERS. Schedules set group fields ("lr" from "base_lr", and
+"momentum" where a group has one), whatever optimizer holds the group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from speedrun.config import OptimConfig
+from speedrun.optim import adam, muon
+from speedrun.optim.muon import NS_COEFFICIENTS, Muon, newton_schulz
+
+__all__ = ["NS_COEFFICIENTS", "OPTIMIZERS", "Muon", "apply_schedule", "build_optimizers", "lr_multiplier",
+           "muon_momentum", "newton_schulz", "param_groups"]
+
+# Built in this order, which is also the order of a checkpoint's optimizer states.
+OPTIMIZERS = {"adam": adam.build, "muon": muon.build}
+
+# Group order within an optimizer, which fixes the parameter indices its state_dict is keyed by.
+ROLES = ("hidden", "head", "embed", "scalar")
+
+
+def param_groups(roles: dict[str, list[torch.Tensor]], cfg: OptimConfig) -> list[dict]:
+    """One group per non-empty role: params, role, kind, lr (also kept as base_lr for the schedule)
+    and weight_decay. Matrices decay by optim.weight_decay, vectors and scalars never (nanoGPT's rule)."""
+    unknown = set(roles) - set(ROLES)
+    if unknown:
+        raise ValueError(f"unknown parameter roles {sorted(unknown)}; expected {', '.join(ROLES)}")
+    lrs = {"hidden": cfg.lr_hidden, "head": cfg.lr_head, "embed": cfg.lr_embed, "scalar": cfg.lr_scalar}
+    return [dict(params=list(roles[role]), role=role, kind=cfg.hidden_optimizer if role == "hidden" else "adam",
+                 lr=lrs[role], base_lr=lrs[role], weight_decay=0.0 if role == "scalar" else cfg.weight_decay)
+            for role in ROLES if roles.get(role)]
+
+
+def build_optimizers(roles: dict[str, list[torch.Tensor]], cfg: OptimConfig, fused: bool = False) -> list[torch.optim.Optimizer]:
+    """One optimizer per kind in use, in OPTIMIZERS order, each over its groups."""
+    groups = param_groups(roles, cfg)
+    return [build([g for g in groups if g["kind"] == kind], cfg, fused)
+            for kind, build in OPTIMIZERS.items() if any(g["kind"] == kind for g in groups)]
+
+
+def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Factor on every base lr at `step` (0-based) of a `total_steps` run; reaches final_lr_frac at
+    step == total_steps."""
+    step = min(max(step, 0), total_steps)
+    # Step 0 gets a nonzero lr so no step is wasted; the ramp reaches 1 at step warmup_steps - 1.
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    final = cfg.final_lr_frac
+    if cfg.schedule == "trapezoid":
+        left = (total_steps - step) / total_steps  # fraction of the run still to go
+        w = min(left / cfg.cooldown_frac, 1.0) if cfg.cooldown_frac > 0 else 1.0
+        return warm * (w + (1 - w) * final)
+    if cfg.schedule == "cosine":
+        if step < cfg.warmup_steps:
+            return warm
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr schedule '{cfg.schedule}'")
+
+
+def muon_momentum(step: int, cfg: OptimConfig) -> float:
+    frac = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps > 0 else 1.0
+    return (1 - frac) * cfg.muon_momentum_start + frac * cfg.muon_momentum
+
+
+def apply_schedule(opts: list[torch.optim.Optimizer], step: int, total_steps: int, cfg: OptimConfig) -> None:
+    """Set every group's lr, and the momentum of groups that have one, for the step about to run."""
+    mult = lr_multiplier(step, total_steps, cfg)
+    momentum = muon_momentum(step, cfg)
+    for opt in opts:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * mult
+            if "momentum" in group:
+                group["momentum"] = momentum
