@@ -22,34 +22,35 @@ class ConfigError(UsageError):
 
 @dataclass
 class ModelConfig:
+    """A plain GPT-2 (nanoGPT's) with every speedrun technique off; presets turn them on."""
     vocab_size: int = 50257
-    vocab_multiple: int = 128  # pad the embedding/head rows so matmuls tile evenly
+    vocab_multiple: int = 128  # pad the head's rows so its matmul tiles evenly
     n_layer: int = 12
-    n_head: int = 6
-    head_dim: int = 128
+    n_head: int = 12
+    head_dim: int = 64
     model_dim: int = 768
     mlp_ratio: int = 4
-    activation: str = "relu2"  # relu2 | gelu
-    norm: str = "rms"  # rms (parameter-free) | layernorm (learned, nanoGPT)
-    positional: str = "rotary"  # rotary | learned
+    activation: str = "gelu"  # gelu | relu2
+    norm: str = "layernorm"  # layernorm (learned, nanoGPT) | rms (parameter-free)
+    positional: str = "learned"  # learned | rotary
     max_seq_len: int = 1024  # only for learned positions
     rotary_base: float = 1024.0
-    rotary_half_truncate: bool = True  # rotate only half the head dims, the rest stay position-free
-    qk_norm: bool = True
-    attn_scale: float = 0.12  # 0 means 1/sqrt(head_dim)
-    value_embeds: int = 3  # tables used in the first and last N layers; 0 disables
-    unet_skips: bool = True
-    x0_mix: bool = True  # mix rms_norm(embedding) into each block with learned scalars
-    skip_attn_layers: list[int] = field(default_factory=lambda: [7])
-    tied_head: bool = False
-    zero_init_proj: bool = True
-    zero_init_head: bool = True
-    bias: bool = False
-    logit_softcap: float = 30.0  # 0 disables; logits = cap * sigmoid(logits / softcap_temperature)
+    rotary_half_truncate: bool = True  # with rotary: rotate only half the head dims, the rest stay position-free
+    qk_norm: bool = False
+    attn_scale: float = 0.0  # 0 means 1/sqrt(head_dim)
+    value_embeds: int = 0  # tables used in the first and last N layers; 0 disables
+    unet_skips: bool = False
+    x0_mix: bool = False  # mix rms_norm(embedding) into each block with learned scalars
+    skip_attn_layers: list[int] = field(default_factory=list)
+    tied_head: bool = True
+    zero_init_proj: bool = False
+    zero_init_head: bool = False
+    bias: bool = True
+    logit_softcap: float = 0.0  # 0 disables; logits = cap * sigmoid(logits / softcap_temperature)
     softcap_temperature: float = 7.5
-    attention: str = "flex"  # flex | sdpa (dense masks, unfused fallback)
-    document_mask: bool = True  # documents split at BOS attend only within themselves
-    sliding_window: bool = True
+    attention: str = "sdpa"  # sdpa (dense masks) | flex (FlexAttention block masks)
+    document_mask: bool = False  # documents split at BOS attend only within themselves
+    sliding_window: bool = False
     window_min: int = 128  # tokens, at step 0
     window_max: int = 1792  # tokens, at the last step
     window_block: int = 128  # FlexAttention block size; windows grow in these steps
@@ -60,33 +61,39 @@ class ModelConfig:
     # block: a query block sees its nearest n key blocks (n = window/block, half for S layers, at
     # least one), document-causal inside them, as the record; token: query - key < window exactly
     window_granularity: str = "block"
-    long_short_pattern: str = "LSSSLSSLSSSL"  # one letter per layer: L = long window, S = window/2
-    fp8_head: str = "auto"  # auto (CUDA cc >= 8.9) | on | off
+    # one letter per layer: L = long window, S = window/2; empty: every layer L
+    long_short_pattern: str = ""
+    fp8_head: str = "off"  # off | on | auto (CUDA cc >= 8.9)
     fp8_scales: list[float] = field(default_factory=lambda: [2.0, 512.0, 524288.0])  # x, w, grad
     activation_dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 elsewhere) | bfloat16 | float32; no autocast
-    bf16_embeddings: bool = True  # with bfloat16 activations, store embedding tables in bf16 as the record does
+    bf16_embeddings: bool = False  # with bfloat16 activations, store embedding tables in bf16 as the record does
+
+    def window_letter(self, layer: int) -> str:
+        """`layer`'s long_short_pattern letter."""
+        return self.long_short_pattern[layer] if self.long_short_pattern else "L"
 
 
 @dataclass
 class OptimConfig:
-    hidden_optimizer: str = "muon"  # the optimizer of the hidden matrices: muon | adam; every other group uses adam
-    lr_hidden: float = 0.05
+    """nanoGPT's AdamW with warm-up and cosine decay; presets switch the hidden matrices to Muon."""
+    hidden_optimizer: str = "adam"  # the optimizer of the hidden matrices: adam | muon; every other role uses adam
+    lr_hidden: float = 6e-4
+    lr_head: float = 6e-4
+    lr_embed: float = 6e-4
+    lr_scalar: float = 6e-4
     muon_momentum: float = 0.95
     muon_momentum_start: float = 0.85
     muon_momentum_warmup_steps: int = 300
     muon_nesterov: bool = True
     ns_steps: int = 5
-    adam_betas: list[float] = field(default_factory=lambda: [0.8, 0.95])
-    adam_eps: float = 1e-10
-    lr_head: float = 0.008
-    lr_embed: float = 0.6
-    lr_scalar: float = 0.04
-    weight_decay: float = 0.0
-    grad_clip: float = 0.0  # 0 disables
-    schedule: str = "trapezoid"  # trapezoid (constant then linear cooldown) | cosine
-    warmup_steps: int = 0
-    cooldown_frac: float = 0.4
-    final_lr_frac: float = 0.1
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.1  # matrices only; vectors and scalars never decay
+    grad_clip: float = 1.0  # 0 disables
+    schedule: str = "cosine"  # cosine | trapezoid (constant then linear cooldown)
+    warmup_steps: int = 700
+    cooldown_frac: float = 0.4  # trapezoid: the last fraction of the run over which the lr falls
+    final_lr_frac: float = 0.0
 
 
 @dataclass
@@ -94,11 +101,11 @@ class DataConfig:
     dir: str = ""  # empty: the built-in corpus
     train_pattern: str = "*_train_*.bin"
     val_pattern: str = "*_val_*.bin"
-    seq_len: int = 48 * 1024  # tokens in one sequence
-    micro_batch_seqs: int = 1  # sequences per rank per forward/backward
-    batch_tokens: int = 8 * 48 * 1024  # global tokens per optimizer step
+    seq_len: int = 1024  # tokens in one sequence
+    micro_batch_seqs: int = 64  # sequences per rank per forward/backward
+    batch_tokens: int = 524288  # global tokens per optimizer step
     val_tokens: int = 10485760
-    val_seq_len: int = 4 * 64 * 1024
+    val_seq_len: int = 1024
     bos_aligned: bool = False
     # batch: a step's batch never spans two shards; when the next whole batch (and one more token)
     # does not fit, the rest of the shard is skipped, as the record's loader does.
@@ -111,8 +118,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1770
-    val_every: int = 125  # 0: only at the end
+    steps: int = 19073  # llm.c's GPT-2 (124M): 10B tokens in steps of 524,288
+    val_every: int = 250  # 0: only at the end
     seed: int = 0
     compile: bool = True
     device: str = "auto"  # auto | cpu | cuda
@@ -134,15 +141,43 @@ class Config:
 
 SECTIONS = ("model", "optim", "data", "train")
 
+# Version 2: the dataclass defaults are a plain GPT-2 and presets build on one another with `base`.
+# Version 1 (no `version` key; written before 2026-11-26): defaults were the 2025 speedrun recipe,
+# and the optimizer was chosen by optim.muon / muon_lr / lr_adam.
+CONFIG_VERSION = 2
+V1_OPTIM_KEYS = ("muon", "muon_lr", "lr_adam")
+
 
 def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("speedrun.presets").iterdir() if p.name.endswith(".toml"))
 
 
-def _preset_text(name: str) -> str:
+def _preset_table(name: str) -> dict:
     if name not in preset_names():  # checked first: a name is never a path (too long, '../x', ...)
         raise ConfigError(f"unknown preset '{name}'; choose one of: {', '.join(preset_names())}")
-    return (resources.files("speedrun.presets") / f"{name}.toml").read_text()
+    return tomllib.loads((resources.files("speedrun.presets") / f"{name}.toml").read_text())
+
+
+def _base_name(table: dict, where: str) -> str | None:
+    """The preset a table builds on: `base = "NAME"` (`preset = "NAME"`, the older spelling, is read too)."""
+    names = [table[k] for k in ("base", "preset") if k in table]
+    if len(names) > 1:
+        raise ConfigError(f"{where}: give either 'base' or 'preset', not both")
+    if names and not isinstance(names[0], str):
+        raise ConfigError(f"{where}: 'base' must be a preset name, got {names[0]!r}")
+    return names[0] if names else None
+
+
+def _chain(name: str) -> list[tuple[str, dict]]:
+    """(where, table) of preset `name` and of every preset under it, the deepest base first."""
+    chain: list[tuple[str, dict]] = []
+    while name is not None:
+        if any(where == f"preset {name}" for where, _ in chain):
+            raise ConfigError(f"preset {name}: its bases form a loop ({' -> '.join(w[7:] for w, _ in chain)} -> {name})")
+        table = _preset_table(name)
+        chain.append((f"preset {name}", table))
+        name = _base_name(table, f"preset {name}")
+    return chain[::-1]
 
 
 def _coerce(key: str, value, hint, where: str):
@@ -184,7 +219,7 @@ def _apply(cfg: Config, table: dict, where: str) -> None:
         if key == "description":
             cfg.description = _coerce(key, value, str, where)
             continue
-        if key in ("preset",):
+        if key in ("base", "preset", "version"):  # read by _layers
             continue
         if key not in SECTIONS or not isinstance(value, dict):
             raise ConfigError(f"{where}: unknown key '{key}'; expected a [model], [optim], [data] or [train] table")
@@ -192,8 +227,72 @@ def _apply(cfg: Config, table: dict, where: str) -> None:
         hints = typing.get_type_hints(type(section))
         for sub, subvalue in value.items():
             if sub not in hints:
-                raise ConfigError(f"{where}: unknown key '{key}.{sub}'")
+                hint = (" (a config version 1 key, now optim.hidden_optimizer and optim.lr_*; put version = 1 at the "
+                        "top of the file to read it as written)") if key == "optim" and sub in V1_OPTIM_KEYS else ""
+                raise ConfigError(f"{where}: unknown key '{key}.{sub}'{hint}")
             setattr(section, sub, _coerce(f"{key}.{sub}", subvalue, hints[sub], where))
+
+
+def _version(table: dict, where: str, default: int) -> int:
+    version = table.get("version", default)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ConfigError(f"{where}: 'version' must be a config version number, got {version!r:.40}")
+    if version > CONFIG_VERSION:
+        raise ConfigError(f"{where}: written by a newer speedrun (config version {version}; this one reads up to "
+                          f"{CONFIG_VERSION}); upgrade speedrun to use it")
+    return version
+
+
+def _upgraded_v1(table: dict, where: str) -> dict:
+    """A version-1 table in version-2 keys: optim.muon chose Muon (at muon_lr) for the hidden matrices
+    and Adam for the rest, muon = false put every parameter in one AdamW at lr_adam; a pattern of
+    only L layers is the empty pattern, so that it compares equal to the presets that now omit it."""
+    model = table.get("model")
+    if isinstance(model, dict) and isinstance(model.get("long_short_pattern"), str) \
+            and set(model["long_short_pattern"]) == {"L"}:
+        table = {**table, "model": {**model, "long_short_pattern": ""}}  # version 2 writes all-long as empty
+    optim = table.get("optim")
+    if not isinstance(optim, dict):
+        return table
+    optim = dict(optim)
+    muon = _coerce("optim.muon", optim.pop("muon", True), bool, where)
+    muon_lr, lr_adam = optim.pop("muon_lr", 0.05), optim.pop("lr_adam", 0.0)
+    if muon:
+        optim.update(hidden_optimizer="muon", lr_hidden=muon_lr)
+    else:
+        optim.update(hidden_optimizer="adam", lr_hidden=lr_adam, lr_head=lr_adam, lr_embed=lr_adam, lr_scalar=lr_adam)
+    return {**table, "optim": optim}
+
+
+def _v1_defaults() -> dict:
+    return tomllib.loads((resources.files("speedrun") / "config_versions" / "1.toml").read_text())
+
+
+def _layers(table: dict, where: str, preset: str | None, default_version: int) -> list[tuple[str, dict]]:
+    """(where, table) to apply over the dataclass defaults, in order: the preset chain (`preset`, or
+    the table's own base), then the table, read in its config version."""
+    preset = preset or _base_name(table, where)
+    layers = _chain(preset) if preset is not None else []
+    if _version(table, where, default_version) == 1:
+        table = _upgraded_v1(table, where)
+        if preset is None:  # version 1's defaults were the speedrun recipe
+            layers.append(("config version 1 defaults", _v1_defaults()))
+    return [*layers, (where, table)]
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file (give its config.toml)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file; expected a TOML config") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:  # TOMLDecodeError, integers over 4300 digits, deep nesting
+        raise ConfigError(f"{path}: not valid TOML ({first_line(e)})") from None
 
 
 def _parse_override(text: str) -> tuple[str, str, object]:
@@ -211,32 +310,16 @@ def _parse_override(text: str) -> tuple[str, str, object]:
 
 
 def load_config(preset: str | None = None, file: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults < preset < file < overrides. A file may name its own base with `preset = "..."`."""
-    cfg = Config()
-    file_table = None
+    """Defaults < preset (its bases first) < file < overrides. A file may name its own base with
+    `base = "..."`; without `version` it is read as the current config version."""
     if file is not None:
-        path = Path(file)
-        try:
-            file_table = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except IsADirectoryError:
-            raise ConfigError(f"{path}: is a folder, not a config file (give its config.toml)") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not a text file; expected a TOML config") from None
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
-        except (ValueError, RecursionError) as e:  # TOMLDecodeError, integers over 4300 digits, deep nesting
-            raise ConfigError(f"{path}: not valid TOML ({first_line(e)})") from None
-        if preset is None and isinstance(file_table.get("preset"), str):
-            preset = file_table["preset"]
-    if preset is not None:
-        _apply(cfg, tomllib.loads(_preset_text(preset)), f"preset {preset}")
-    if file_table is not None:
-        _apply(cfg, file_table, str(file))
-    for text in overrides:
-        section, key, value = _parse_override(text)
-        _apply(cfg, {section: {key: value}}, "--set")
+        layers = _layers(_read_toml(Path(file)), str(file), preset, CONFIG_VERSION)
+    else:
+        layers = _chain(preset) if preset is not None else []
+    layers += [("--set", {section: {key: value}}) for section, key, value in map(_parse_override, overrides)]
+    cfg = Config()
+    for where, table in layers:
+        _apply(cfg, table, where)
     validate(cfg)
     return cfg
 
@@ -292,9 +375,9 @@ def validate(cfg: Config) -> None:
                           f"({d.seq_len * d.micro_batch_seqs})")
     if m.attention == "flex" and m.window_block > 0 and d.seq_len % m.window_block:  # <= 0: refused below
         raise ConfigError(f"'data.seq_len' ({d.seq_len}) must be a multiple of model.window_block ({m.window_block}) for flex attention")
-    if set(m.long_short_pattern) - {"L", "S"} or len(m.long_short_pattern) != m.n_layer:
-        raise ConfigError(f"'model.long_short_pattern' must be {m.n_layer} letters L or S (one per layer), "
-                          f"got '{m.long_short_pattern}'")
+    if m.long_short_pattern and (set(m.long_short_pattern) - {"L", "S"} or len(m.long_short_pattern) != m.n_layer):
+        raise ConfigError(f"'model.long_short_pattern' must be {m.n_layer} letters L or S (one per layer), or empty "
+                          f"for all L, got '{m.long_short_pattern}'")
     _validate_model_shapes(m)
     _validate_ranges(cfg)
     if m.value_embeds * 2 > m.n_layer:
@@ -365,10 +448,11 @@ def grad_accum_steps(cfg: Config, world_size: int) -> int:
 
 
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    return {"version": CONFIG_VERSION, **dataclasses.asdict(cfg)}
 
 
 def to_toml(cfg: Config) -> str:
+    """Every key, resolved: a saved config does not depend on presets that may change later."""
     def fmt(v):
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -379,7 +463,7 @@ def to_toml(cfg: Config) -> str:
         return repr(v)
 
     d = to_dict(cfg)
-    lines = [f"description = {fmt(d.pop('description'))}"]
+    lines = [f"version = {d.pop('version')}", f"description = {fmt(d.pop('description'))}"]
     for section in SECTIONS:
         lines.append(f"\n[{section}]")
         lines += [f"{k} = {fmt(v)}" for k, v in d[section].items()]
@@ -387,14 +471,17 @@ def to_toml(cfg: Config) -> str:
 
 
 def from_dict(table: dict, where: str = "config") -> Config:
+    """A config saved by a run (config.toml, config.json); one without `version` was saved by
+    config version 1 and is read with that version's defaults and keys."""
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table of [model], [optim], [data] and [train] settings, "
                           f"got {type(table).__name__}")
     cfg = Config()
-    _apply(cfg, table, where)
+    for layer_where, layer in _layers(table, where, None, default_version=1):
+        _apply(cfg, layer, layer_where)
     validate(cfg)
     return cfg
 
 
 def preset_description(name: str) -> str:
-    return tomllib.loads(_preset_text(name)).get("description", "")
+    return _preset_table(name).get("description", "")

@@ -563,7 +563,7 @@ def register(sub) -> None:
                                    "self-test), FP8, the process group (under torchrun), the data and the compile "
                                    "cache for a config, one line per check. Exits 1 if any check fails.")
     p.add_argument("--preset", help="preset name (default: as `speedrun train`: tiny on CPU, gpt2-speedrun on CUDA)")
-    p.add_argument("--config", help="a TOML config file (may name its base preset with preset = \"...\")")
+    p.add_argument("--config", help="a TOML config file (may name the preset it builds on with base = \"...\")")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key (repeatable)")
     p.add_argument("--data", help="directory of .bin shards (default: the config's data.dir; empty: the built-in "
                                   "corpus)")

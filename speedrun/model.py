@@ -98,7 +98,7 @@ class KVCache:
     def __init__(self, cfg: ModelConfig, window: int = NO_WINDOW):
         self.cfg, self.window, self.block = cfg, window, window_rule_block(cfg)
         self.keep = {letter: farthest_key(window, shrink, self.block) for letter, shrink in SHRINK.items()}
-        self.layers = [LayerCache(self.keep[letter]) for letter in cfg.long_short_pattern]
+        self.layers = [LayerCache(self.keep[letter]) for letter in map(cfg.window_letter, range(cfg.n_layer))]
         self.tokens: Tensor | None = None  # every token so far: document ids count BOS from the start
 
     @property
@@ -328,7 +328,7 @@ class GPT(nn.Module):
             if i >= cfg.n_layer - n_skips:
                 x = x + self.skip_weights[i - (cfg.n_layer - n_skips)] * skips.pop()
             table = self._value_table(i)
-            x = block(x, x0, None if table is None else tables[table], masks[cfg.long_short_pattern[i]], rotary,
+            x = block(x, x0, None if table is None else tables[table], masks[cfg.window_letter(i)], rotary,
                       None if cache is None else cache.layers[i])
             if i < n_skips:
                 skips.append(x)
@@ -373,7 +373,7 @@ class GPT(nn.Module):
         attention = 0.0
         for i, block in enumerate(self.blocks):
             if block.attn is not None:
-                reach = farthest_key(window, SHRINK[cfg.long_short_pattern[i]], window_rule_block(cfg))
+                reach = farthest_key(window, SHRINK[cfg.window_letter(i)], window_rule_block(cfg))
                 if cfg.window_granularity == "block" and reach < seq_len:
                     reach = q % cfg.window_block + 1 + (reach - cfg.window_block)  # the diagonal block's keys vary
                 keys = torch.minimum(q + 1, torch.as_tensor(reach, dtype=torch.float64)).mean().item()

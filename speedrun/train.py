@@ -540,7 +540,7 @@ def register(sub) -> None:
                                    "'gpt2-speedrun' on FineWeb when CUDA is present. Run under torchrun for several "
                                    "processes or nodes.")
     p.add_argument("--preset", help="preset name (see `speedrun presets`)")
-    p.add_argument("--config", help="a TOML config file (may name its base preset with preset = \"...\")")
+    p.add_argument("--config", help="a TOML config file (may name the preset it builds on with base = \"...\")")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key, e.g. --set model.n_layer=4 (repeatable)")
     p.add_argument("--data", help="directory of .bin shards (default: the preset's data.dir; empty means the built-in corpus)")
     p.add_argument("--out", help="run directory (default runs/<timestamp>, or the resumed run's); one that already "

@@ -1,11 +1,14 @@
+import dataclasses
 import subprocess
 import sys
+import tomllib
+from importlib import resources
 
 import pytest
 
-from speedrun.config import (ConfigError, from_dict, grad_accum_steps, load_config, preset_names, scale_steps,
-                             to_dict, to_toml)
-import tomllib
+from speedrun import config
+from speedrun.config import (CONFIG_VERSION, Config, ConfigError, from_dict, grad_accum_steps, load_config, preset_names,
+                             scale_steps, to_dict, to_toml)
 
 
 def test_every_preset_loads_and_round_trips_through_toml():
@@ -26,7 +29,7 @@ def test_gpt2_speedrun_carries_the_record_numbers():
 
 def test_layering_preset_then_file_then_overrides(tmp_path):
     f = tmp_path / "c.toml"
-    f.write_text('preset = "tiny"\n[model]\nn_layer = 8\nlong_short_pattern = "LSSSSSSL"\n[train]\nsteps = 7\n')
+    f.write_text('base = "tiny"\n[model]\nn_layer = 8\nlong_short_pattern = "LSSSSSSL"\n[train]\nsteps = 7\n')
     cfg = load_config(None, f, ["train.steps=9", "model.attention=sdpa", "optim.adam_betas=[0.9, 0.99]"])
     assert cfg.model.n_layer == 8 and cfg.train.steps == 9 and cfg.model.attention == "sdpa"
     assert cfg.optim.adam_betas == [0.9, 0.99]
@@ -97,3 +100,102 @@ def test_cli_shape_errors_are_one_line_before_any_work(override, message):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"speedrun train: error: {message}"]
+
+
+# -- presets as deltas, config versions ----------------------------------------------------------
+
+def _resolved(name: str) -> dict:
+    return to_dict(load_config(name))
+
+
+def test_defaults_are_a_plain_gpt2_with_every_technique_off():
+    m, o = Config().model, Config().optim
+    assert (m.activation, m.norm, m.positional, m.attention, m.fp8_head) == ("gelu", "layernorm", "learned", "sdpa", "off")
+    assert not any([m.qk_norm, m.value_embeds, m.unet_skips, m.x0_mix, m.skip_attn_layers, m.zero_init_proj,
+                    m.zero_init_head, m.logit_softcap, m.document_mask, m.sliding_window, m.bf16_embeddings])
+    assert m.tied_head and m.bias and o.hidden_optimizer == "adam"
+    baseline = _resolved("gpt2-baseline")
+    assert baseline == {**to_dict(Config()), "description": baseline["description"],
+                        "data": {**to_dict(Config())["data"], "dir": "data/fineweb10B"}}
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_presets_list_only_what_differs_from_their_base(name):
+    """A key a preset restates from its base (or from the defaults) would hide a later change there."""
+    table = tomllib.loads((resources.files("speedrun.presets") / f"{name}.toml").read_text())
+    under = _resolved(table["base"]) if "base" in table else to_dict(Config())
+    restated = [f"{s}.{k}" for s in config.SECTIONS for k, v in table.get(s, {}).items() if under[s][k] == v]
+    assert not restated, f"{name} restates {restated}"
+
+
+def test_a_preset_builds_on_its_base_chain():
+    tiny, speedrun = load_config("tiny"), load_config("gpt2-speedrun")
+    assert tiny.optim.hidden_optimizer == "muon" and tiny.model.qk_norm and tiny.model.attention == "flex"
+    assert tiny.optim.lr_hidden == speedrun.optim.lr_hidden and tiny.model.n_layer == 6
+    medium = load_config("gpt2-medium-speedrun")
+    assert medium.model.value_embeds == 3 and medium.data.dir == "data/fineweb10B" and medium.model.n_layer == 16
+
+
+def test_a_file_names_its_base_and_lists_only_changes(tmp_path):
+    f = tmp_path / "mine.toml"
+    f.write_text('base = "baseline-tiny"\n[model]\nn_layer = 4\n')
+    cfg = load_config(None, f)
+    assert to_dict(cfg) == {**_resolved("baseline-tiny"), "model": {**_resolved("baseline-tiny")["model"], "n_layer": 4}}
+    f.write_text('preset = "tiny"\n')  # the older spelling
+    assert to_dict(load_config(None, f)) == _resolved("tiny")
+    f.write_text('base = "tiny"\npreset = "tiny"\n')
+    with pytest.raises(ConfigError, match="mine.toml: give either 'base' or 'preset'"):
+        load_config(None, f)
+    f.write_text('base = "tinyy"\n')
+    with pytest.raises(ConfigError, match="unknown preset 'tinyy'"):
+        load_config(None, f)
+
+
+def test_a_loop_of_bases_is_one_error(monkeypatch):
+    tables = {"a": {"base": "b"}, "b": {"base": "a"}}
+    monkeypatch.setattr(config, "_preset_table", lambda name: tables[name])
+    with pytest.raises(ConfigError, match="preset a: its bases form a loop"):
+        load_config("a")
+
+
+def test_saved_configs_carry_the_version():
+    text = to_toml(load_config("tiny"))
+    assert text.startswith(f"version = {CONFIG_VERSION}\n")
+    assert to_dict(load_config("tiny"))["version"] == CONFIG_VERSION
+
+
+V1_SPARSE = {"model": {"n_layer": 4, "long_short_pattern": "LSSL", "value_embeds": 1, "skip_attn_layers": []},
+             "data": {"dir": ""}}
+
+
+def test_a_saved_config_without_version_reads_with_version_1_defaults():
+    """Version 1 saved configs had no version key and defaulted to the 2025 speedrun recipe."""
+    cfg = from_dict(V1_SPARSE)
+    record = load_config("gpt2-speedrun")
+    assert cfg.model.norm == "rms" and cfg.model.attention == "flex" and cfg.optim.hidden_optimizer == "muon"
+    assert dataclasses.asdict(cfg.optim) == dataclasses.asdict(record.optim)
+    assert from_dict({**V1_SPARSE, "version": 2}).model.norm == "layernorm"  # version 2: a plain GPT-2 underneath
+
+
+def test_version_1_optimizer_keys_are_upgraded(tmp_path):
+    adam = from_dict({"optim": {"muon": False, "lr_adam": 0.003, "lr_head": 0.5}})
+    assert adam.optim.hidden_optimizer == "adam"
+    assert (adam.optim.lr_hidden, adam.optim.lr_head, adam.optim.lr_embed, adam.optim.lr_scalar) == (0.003,) * 4
+    muon = from_dict({"optim": {"muon": True, "muon_lr": 0.02}})
+    assert (muon.optim.hidden_optimizer, muon.optim.lr_hidden) == ("muon", 0.02)
+    f = tmp_path / "old.toml"
+    f.write_text("[optim]\nmuon = false\nlr_adam = 0.003\n")  # a user file is read as the current version...
+    with pytest.raises(ConfigError, match=r"old.toml: unknown key 'optim.muon' \(a config version 1 key.*version = 1"):
+        load_config(None, f)
+    f.write_text("version = 1\n[optim]\nmuon = false\nlr_adam = 0.003\n")  # ...unless it says otherwise
+    assert load_config(None, f).optim.lr_embed == 0.003
+
+
+@pytest.mark.parametrize("version, message", [(3, "written by a newer speedrun \\(config version 3"),
+                                              ("2", "'version' must be a config version number"),
+                                              (0, "'version' must be a config version number")])
+def test_bad_versions_are_one_error(tmp_path, version, message):
+    f = tmp_path / "c.toml"
+    f.write_text(f"version = {version!r}\n".replace("'", '"'))
+    with pytest.raises(ConfigError, match=f"c.toml: {message}"):
+        load_config(None, f)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from speedrun.config import ModelConfig, load_config
+from speedrun.config import load_config
 from speedrun.fp8 import fp8_linear
 from speedrun.model import GPT
 
@@ -99,7 +99,7 @@ def test_fp8_matches_float_matmul_on_cuda():
 
 A = 8  # accumulation steps of the small record's batch (8 sequences) on one GPU
 SEQ_TOKENS = 49152  # tokens in one sequence of the small record: each rank's mean cross-entropy per step
-HEAD = ModelConfig()  # the softcap (30, temperature 7.5) and vocabulary every preset with an FP8 head uses
+HEAD = load_config("gpt2-speedrun").model  # the softcap (30, temperature 7.5) and vocabulary every preset with an FP8 head uses
 PADDED_VOCAB = -(-HEAD.vocab_size // HEAD.vocab_multiple) * HEAD.vocab_multiple  # 50,304 head rows
 
 # Raw head outputs u (the FP8 matmul's output, before the softcap) drawn i.i.d. N(mean, std).

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from speedrun.config import OptimConfig
+from speedrun.config import OptimConfig, load_config
 from speedrun.optim import Muon, apply_schedule, build_optimizers, lr_multiplier, muon_momentum, newton_schulz
 
 
@@ -144,15 +145,18 @@ def test_muon_state_dict_resumes_exactly():
         assert torch.equal(p, q)
 
 
+RECORD = load_config("gpt2-speedrun").optim  # Muon for the hidden matrices, the record's Adam settings
+
+
 # -- schedules ------------------------------------------------------------------------------------
 
 def test_trapezoid_schedule():
-    cfg = OptimConfig(schedule="trapezoid", cooldown_frac=0.4, final_lr_frac=0.1)
+    cfg = OptimConfig(schedule="trapezoid", cooldown_frac=0.4, final_lr_frac=0.1, warmup_steps=0)
     values = {s: lr_multiplier(s, 100, cfg) for s in (0, 30, 60, 80, 100)}
     assert values == pytest.approx({0: 1.0, 30: 1.0, 60: 1.0, 80: 0.55, 100: 0.1})
     cfg.warmup_steps = 10
     assert [lr_multiplier(s, 100, cfg) for s in (0, 4, 9, 50)] == pytest.approx([0.1, 0.5, 1.0, 1.0])
-    assert lr_multiplier(100, 100, OptimConfig(cooldown_frac=0.0)) == 1.0
+    assert lr_multiplier(100, 100, OptimConfig(schedule="trapezoid", cooldown_frac=0.0, warmup_steps=0)) == 1.0
 
 
 def test_cosine_schedule():
@@ -197,7 +201,7 @@ def _placement(opts):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_build_optimizers_muon_mode(tied):
-    cfg = OptimConfig(weight_decay=0.01)
+    cfg = dataclasses.replace(RECORD, weight_decay=0.01)
     groups = _groups(tied)
     opts = build_optimizers(groups, cfg, fused=False)
     assert isinstance(opts[0], torch.optim.Adam) and isinstance(opts[1], Muon) and len(opts) == 2
@@ -236,7 +240,7 @@ def test_build_optimizers_rejects_unknown_groups():
 
 
 def test_apply_schedule_sets_lr_and_momentum():
-    cfg = OptimConfig(muon_momentum_warmup_steps=100)
+    cfg = dataclasses.replace(RECORD, muon_momentum_warmup_steps=100)
     opts = build_optimizers(_groups(), cfg)
     apply_schedule(opts, 90, 100, cfg)  # last tenth of the run: lr factor 0.25 + 0.75 * 0.1
     for opt in opts:
