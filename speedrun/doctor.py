@@ -122,7 +122,7 @@ def check_device(ctx: Context) -> Iterator[Line]:
 def check_dtype(ctx: Context) -> Iterator[Line]:
     import torch
 
-    from speedrun.model import activation_dtype, fp8_supported
+    from speedrun.prepare import activation_dtype, fp8_supported
 
     dtype = activation_dtype(ctx.cfg.model, ctx.device)
     name = str(dtype).removeprefix("torch.")
@@ -230,7 +230,7 @@ def _selftest_setup(ctx: Context) -> _SelfTest:
     import torch
 
     from speedrun.attention import flex_masks
-    from speedrun.model import activation_dtype
+    from speedrun.prepare import activation_dtype
 
     m = ctx.cfg.model
     dtype = activation_dtype(m, ctx.device)
@@ -277,7 +277,7 @@ def check_attention_selftest(ctx: Context) -> Iterator[Line]:
     from speedrun.attention import attend
 
     if ctx.cfg.train.compile:
-        from speedrun.train import use_persistent_compile_cache
+        from speedrun.prepare import use_persistent_compile_cache
         use_persistent_compile_cache()  # as the run does, so that a second doctor run compiles from cache
     t = _selftest_setup(ctx)
     t0 = time.perf_counter()
@@ -298,7 +298,7 @@ def check_fp8(ctx: Context) -> Iterator[Line]:
     import torch
 
     from speedrun.fp8 import fp8_linear
-    from speedrun.model import activation_dtype, fp8_supported
+    from speedrun.prepare import activation_dtype, fp8_supported
 
     m = ctx.cfg.model
     if not (m.fp8_head == "on" or (m.fp8_head == "auto" and fp8_supported(ctx.device))):
@@ -441,7 +441,7 @@ def check_compile(ctx: Context) -> Iterator[Line]:
     if not ctx.cfg.train.compile:
         yield INFO, "compile: off (train.compile = false): the model runs eagerly"
         return
-    from speedrun.train import use_persistent_compile_cache
+    from speedrun.prepare import use_persistent_compile_cache
 
     use_persistent_compile_cache()
     cache = os.environ["TORCHINDUCTOR_CACHE_DIR"]

@@ -16,7 +16,8 @@ from speedrun.attention import window_tokens
 from speedrun.config import Config, ConfigError, from_dict, to_dict
 from speedrun.distributed import pick_device
 from speedrun.errors import DataError, UsageError, first_line
-from speedrun.model import GPT, activation_dtype
+from speedrun.model import GPT
+from speedrun.prepare import activation_dtype
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"

@@ -6,7 +6,7 @@ sliding-window FlexAttention); with gpt2-baseline it is nanoGPT's GPT-2 (learned
 LayerNorm, GELU, biases, tied head, causal SDPA).
 
 Weights are stored in fp32 and cast to the activations' dtype where they are used. There is no
-autocast: `GPT.configure_for(device)` picks the activation dtype (ModelConfig.activation_dtype; bf16
+autocast: `speedrun.prepare` picks the activation dtype (ModelConfig.activation_dtype; bf16
 on CUDA, as the record), the embedding lookups start the residual stream in it, and every matmul
 and attention then runs in it; only rotary's rotation and the logits are computed in float32.
 """
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from speedrun.attention import (NO_WINDOW, SHRINK, attend, build_masks, document_ids, farthest_key, mask_rule,
                                 window_rule_block)
 from speedrun.config import ModelConfig
-from speedrun.fp8 import fp8_linear
+from speedrun.loss import LMHead
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -188,17 +188,6 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-def activation_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
-    if cfg.activation_dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, cfg.activation_dtype)
-
-
-def fp8_supported(device: torch.device) -> bool:
-    """FP8 matmuls (torch._scaled_mm) on tensor cores: CUDA compute capability 8.9 (Ada) and up."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-
-
 class GPT(nn.Module):
     """Validate the ModelConfig (config.validate) before building: shapes are not re-checked here."""
 
@@ -216,30 +205,9 @@ class GPT(nn.Module):
         # encoder layers i < n_layer//2 feed decoder layer n_layer-1-i; an odd middle layer gets none
         self.skip_weights = nn.Parameter(torch.empty(cfg.n_layer // 2)) if cfg.unet_skips else None
         self.final_norm = make_norm(cfg)
-        self.lm_head = None if cfg.tied_head else Linear(dim, self.padded_vocab, bias=False)
-        # what configure_for() decides; until then float32 and the FP8 head only if forced on
-        self.activation_dtype = torch.float32
-        self.use_fp8 = cfg.fp8_head == "on"
-        self.fp8_scales = list(cfg.fp8_scales)
+        self.lm_head = LMHead(cfg, self.padded_vocab)
+        self.activation_dtype = torch.float32  # speedrun.prepare sets it for the device
         self.init_weights()
-
-    def configure_for(self, device: torch.device, sequences_per_loss: int = 1) -> GPT:
-        """Move to `device` and settle what depends on it: the activation dtype, embedding tables
-        stored in bf16 with bf16 activations (ModelConfig.bf16_embeddings), and the FP8 head (auto:
-        where supported). `sequences_per_loss` is how many sequences each backward's loss is the
-        mean over, accumulation steps included (the loss of one micro-step is divided by their
-        number): the FP8 gradient scale is for one sequence's mean loss, as each rank computes it
-        in the record, so it is multiplied by this to put the logit gradients into the same FP8
-        range whatever the world size and micro-batch."""
-        self.to(device)
-        self.activation_dtype = activation_dtype(self.cfg, device)
-        if self.activation_dtype == torch.bfloat16 and self.cfg.bf16_embeddings:
-            for table in [self.wte, self.wpe, *self.value_embeds]:
-                if table is not None:
-                    table.bfloat16()
-        self.use_fp8 = self.cfg.fp8_head == "on" or (self.cfg.fp8_head == "auto" and fp8_supported(device))
-        self.fp8_scales = [*self.cfg.fp8_scales[:2], self.cfg.fp8_scales[2] * sequences_per_loss]
-        return self
 
     def _value_table(self, layer: int) -> int | None:
         """The value-embedding table of `layer`: the first N layers use tables 0..N-1, and so do
@@ -251,7 +219,7 @@ class GPT(nn.Module):
 
     @property
     def head_weight(self) -> nn.Parameter:
-        return self.wte.weight if self.lm_head is None else self.lm_head.weight
+        return self.wte.weight if self.lm_head.weight is None else self.lm_head.weight
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -288,7 +256,7 @@ class GPT(nn.Module):
                     proj.weight.zero_()
             if block.x0_mix is not None:
                 block.x0_mix.copy_(torch.tensor([1.0, 0.0]))
-        if self.lm_head is not None:
+        if self.lm_head.weight is not None:
             if cfg.zero_init_head:
                 self.lm_head.weight.zero_()
             else:
@@ -332,34 +300,22 @@ class GPT(nn.Module):
                       None if cache is None else cache.layers[i])
             if i < n_skips:
                 skips.append(x)
-        x = self.final_norm(x)
-        if self.use_fp8 and self.training:
-            logits = fp8_linear(x, self.head_weight, self.fp8_scales)
-        else:
-            logits = F.linear(x, self.head_weight.type_as(x))
-        logits = logits.float()
-        if cfg.logit_softcap > 0:
-            # cap * sigmoid(z / T) = cap/2 * (tanh(z / 2T) + 1): a tanh softcap shifted to (0, cap)
-            logits = cfg.logit_softcap * torch.sigmoid(logits / cfg.softcap_temperature)
-        # drop the padding columns so they take no probability mass
-        logits = logits[..., :cfg.vocab_size]
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.reshape(-1, cfg.vocab_size), targets.reshape(-1))
+        return self.lm_head(self.final_norm(x), self.wte.weight if cfg.tied_head else None, targets)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by optimizer role: "hidden" (block matrices, including the (3, d, d) qkv
-        stacks), "embed" (token, value and position tables), "head" (untied lm_head only) and
-        "scalar" (everything below 2-D). Every parameter lands in exactly one group."""
-        embed = [self.wte.weight] + [e.weight for e in self.value_embeds]
-        if self.wpe is not None:
-            embed.append(self.wpe.weight)
-        groups = {"hidden": [p for p in self.blocks.parameters() if p.ndim >= 2], "embed": embed}
-        if self.lm_head is not None:
-            groups["head"] = [self.lm_head.weight]
-        groups["scalar"] = [p for p in self.parameters() if p.ndim < 2]
-        assert sum(len(g) for g in groups.values()) == len(list(self.parameters()))
-        return groups
+        """Parameters by optimizer role, decided by what holds them, so a new module's parameters
+        find their group: "embed" (any nn.Embedding: token, position, value tables), "head" (the
+        LMHead's untied weight), "scalar" (everything below 2-D, wherever it lives) and "hidden"
+        (every other matrix, including the (3, d, d) qkv stacks). Each parameter lands in one group."""
+        groups: dict[str, list[nn.Parameter]] = {"hidden": [], "embed": [], "head": [], "scalar": []}
+        role = {}
+        for module in self.modules():
+            kind = "embed" if isinstance(module, nn.Embedding) else "head" if isinstance(module, LMHead) else None
+            for p in module.parameters(recurse=False):
+                role[p] = kind
+        for p in self.parameters():
+            groups["scalar" if p.ndim < 2 else role[p] or "hidden"].append(p)
+        return {name: params for name, params in groups.items() if params}
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 per matmul weight (forward 2, backward 4; embedding lookups

@@ -7,7 +7,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -21,12 +20,13 @@ from speedrun import checkpoint, rundir
 from speedrun.attention import use_flex, window_tokens
 from speedrun.config import SECTIONS, Config, grad_accum_steps, load_config, scale_steps, to_dict, to_toml, validate
 from speedrun.data import shards
-from speedrun.data.corpus import builtin_corpus_dir, cache_root
+from speedrun.data.corpus import builtin_corpus_dir
 from speedrun.data.loader import TrainLoader, find_shards, val_batches, val_fingerprint
 from speedrun.distributed import (GradientAverager, Runtime, all_reduce_sum, backend_name, barrier, broadcast_parameters,
                                   setup, teardown)
 from speedrun.errors import DataError, SpeedrunError, UsageError, first_line
-from speedrun.model import GPT, fp8_supported
+from speedrun.model import GPT
+from speedrun.prepare import fp8_supported, prepare
 from speedrun.optim import apply_schedule, build_optimizers, lr_multiplier
 from speedrun.runlog import RunLog, device_description, peak_flops
 
@@ -110,12 +110,6 @@ def check_run_data(cfg: Config) -> None:
         shards.read_shard(f, vocab_size=cfg.model.vocab_size)
 
 
-def use_persistent_compile_cache() -> None:
-    """Keep inductor's compiled kernels and graphs beside the corpus cache, so a second run of the
-    same config skips most of compilation (torch's default lives in /tmp)."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
-
-
 def execution_path(trainer: "Trainer") -> dict:
     """What actually runs, so that two runs can be told apart from their logs: attention backend and
     window rule, head, dtype, compile, and the software and hardware underneath."""
@@ -124,7 +118,7 @@ def execution_path(trainer: "Trainer") -> dict:
     window = (f"{cfg.model.window_granularity} windows ({cfg.model.window_schedule} schedule)"
               if cfg.model.sliding_window else "no window")
     path = {"attention": f"{'flex' if flex else 'sdpa'}, {window}",
-            "head": "fp8" if trainer.model.use_fp8 else str(trainer.model.activation_dtype).removeprefix("torch."),
+            "head": "fp8" if trainer.model.lm_head.fp8_scales else str(trainer.model.activation_dtype).removeprefix("torch."),
             "activations": str(trainer.model.activation_dtype).removeprefix("torch."),
             "compile": "torch.compile (dynamic=False)" if cfg.train.compile else "eager",
             "torch": torch.__version__, "cuda": torch.version.cuda or "none",
@@ -146,13 +140,11 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.data_dir, train_files, self.val_files = _data_files(cfg)
         self.accum = grad_accum_steps(cfg, rt.world_size)
-        self.model = GPT(cfg.model).configure_for(self.device, self.accum * cfg.data.micro_batch_seqs)
+        self.model = GPT(cfg.model)
+        self.forward = prepare(self.model, cfg, self.device, "train", self.accum * cfg.data.micro_batch_seqs)
         broadcast_parameters(self.model)
         self.optimizers = build_optimizers(self.model.param_groups(), cfg.optim, fused=self.device.type == "cuda")
         self.grads = GradientAverager(list(self.model.parameters()), rt.world_size)
-        if cfg.train.compile:
-            use_persistent_compile_cache()
-        self.forward = torch.compile(self.model, dynamic=False) if cfg.train.compile else self.model
         self.loader = TrainLoader(train_files, seq_len=cfg.data.seq_len, micro_batch_seqs=cfg.data.micro_batch_seqs,
                                   batch_tokens=cfg.data.batch_tokens, rank=rt.rank, world_size=rt.world_size,
                                   bos_aligned=cfg.data.bos_aligned, shard_boundary=cfg.data.shard_boundary,

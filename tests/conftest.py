@@ -14,6 +14,16 @@ SMALL_RUN = ["--set", "data.seq_len=128", "--set", "data.micro_batch_seqs=2", "-
              "--no-compile"]
 
 
+def prepared(model, device="cpu", mode="train", sequences_per_loss=1):
+    """`model` set up by speedrun.prepare for `device` and `mode`, eager (the model, not a compiled wrapper)."""
+    from speedrun.config import Config, TrainConfig
+    from speedrun.prepare import prepare
+
+    prepare(model, Config(model=model.cfg, train=TrainConfig(compile=False)), torch.device(device), mode,
+            sequences_per_loss)
+    return model
+
+
 def speedrun_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "speedrun", *args]
 

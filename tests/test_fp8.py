@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from speedrun.config import load_config
 from speedrun.fp8 import fp8_linear
 from speedrun.model import GPT
+from conftest import prepared
 
 SCALES = [2.0, 512.0, 2.0 ** 19]  # the default fp8_scales (tiny and gpt2-speedrun)
 FORWARD_BOUND, GRAD_BOUND = 1.5 * 0.037, 1.5 * 0.059
@@ -64,7 +65,7 @@ def test_model_uses_fp8_only_in_training():
     cfg = load_config("tiny").model
     cfg.fp8_head, cfg.zero_init_head = "on", False
     torch.manual_seed(0)
-    model = GPT(cfg)
+    model = prepared(GPT(cfg))  # for training: the FP8 head on
     idx = torch.randint(0, 50257, (2, 128), generator=torch.Generator().manual_seed(0))
     targets = idx.roll(-1, 1)
     model.eval()
@@ -92,7 +93,7 @@ def test_fp8_matches_float_matmul_on_cuda():
 # The trainer divides each micro-step's mean loss by its A accumulation steps, so every logit
 # gradient reaching the FP8 head is A times smaller than in the record (one sequence per rank, no
 # accumulation) and grad · grad_scale lands A times closer to e5m2's floor: its smallest subnormal
-# is 2^-16, and anything below half of that rounds to zero. GPT.configure_for(device,
+# is 2^-16, and anything below half of that rounds to zero. speedrun.prepare(model, cfg, device, mode,
 # sequences_per_loss) multiplies the grad scale by the same number. Scaling by a power of two is
 # exact in every float format (away from subnormals), so the FP8 copy of the gradient is then the
 # same bits as at A = 1, and both gradients of the matmul come out exactly 1/A of A = 1's.
@@ -215,7 +216,7 @@ def test_grad_scale_times_accumulation_steps_gives_exactly_one_over_a(device):
     assert changed[0] > 0.01 and changed[1] > 0.01
 
 
-def test_configure_for_multiplies_the_grad_scale_by_sequences_per_loss():
+def test_prepare_multiplies_the_grad_scale_by_sequences_per_loss():
     """A model configured for losses over 8 sequences (its loss divided by 8 before backward)
     computes every gradient, the FP8 head's included, bitwise 1/8 of those of a model configured
     for one sequence at loss × 1: the whole backward is linear in the loss's gradient, and
@@ -230,22 +231,21 @@ def test_configure_for_multiplies_the_grad_scale_by_sequences_per_loss():
         "model.n_layer=2", "model.long_short_pattern=LS", "model.value_embeds=1", "model.model_dim=64",
         "model.n_head=2", "model.head_dim=32", "model.zero_init_head=false", "model.zero_init_proj=false",
         "model.fp8_head=on", "model.fp8_scales=[2.0, 512.0, 128.0]"]).model
-    cpu = torch.device("cpu")
     torch.manual_seed(0)
     base = GPT(cfg)
     idx = torch.randint(0, cfg.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
     targets = idx.roll(-1, 1)
 
     def gradients(sequences_per_loss: int, divide_by: int):
-        model = copy.deepcopy(base).configure_for(cpu, sequences_per_loss=sequences_per_loss)
-        assert model.use_fp8 and model.training
+        model = prepared(copy.deepcopy(base), sequences_per_loss=sequences_per_loss)
+        assert model.lm_head.fp8_scales is not None and model.training
         (model(idx, targets, window_tokens=128) / divide_by).backward()
         return model, {name: p.grad for name, p in model.named_parameters()}
 
     one_model, one = gradients(1, 1)
     model, fixed = gradients(8, 8)
-    assert one_model.fp8_scales == cfg.fp8_scales
-    assert model.fp8_scales == [cfg.fp8_scales[0], cfg.fp8_scales[1], cfg.fp8_scales[2] * 8]
+    assert one_model.lm_head.fp8_scales == cfg.fp8_scales
+    assert model.lm_head.fp8_scales == [cfg.fp8_scales[0], cfg.fp8_scales[1], cfg.fp8_scales[2] * 8]
     assert cfg.fp8_scales[2] == 128.0  # the config itself is left alone
     assert all(torch.equal(fixed[name], one[name] / 8) for name in one)
     _, flushed = gradients(1, 8)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import speedrun_cmd
+from conftest import prepared, speedrun_cmd
 from speedrun import analysis, checkpoint, cli, export
 from speedrun.config import Config, from_dict, load_config, to_dict, to_toml
 from speedrun.data import shards
@@ -294,7 +294,7 @@ CPU = Runtime(0, 1, 0, torch.device("cpu"))
 
 def _trainer_parts(cfg, train_file: Path):
     """Model, optimizers and loader as the trainer builds them, for this small config."""
-    model = GPT(cfg.model).configure_for(CPU.device, cfg.data.micro_batch_seqs)
+    model = prepared(GPT(cfg.model), sequences_per_loss=cfg.data.micro_batch_seqs)
     opts = build_optimizers(model.param_groups(), cfg.optim)
     loader = TrainLoader([train_file], seq_len=cfg.data.seq_len, micro_batch_seqs=cfg.data.micro_batch_seqs,
                          batch_tokens=cfg.data.batch_tokens, shard_boundary=cfg.data.shard_boundary, seed=cfg.train.seed)

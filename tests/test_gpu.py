@@ -28,6 +28,7 @@ from speedrun.data import shards
 from speedrun.distributed import setup
 from speedrun.model import GPT
 from speedrun.train import Trainer
+from conftest import prepared
 from test_model import MatmulDtypes
 
 DEVICE = "cuda"
@@ -176,8 +177,8 @@ def test_bf16_activations_on_cuda():
     construction and tests/test_fp8.py checks it."""
     cfg = load_config("tiny", None, [*SMALL, "model.attention=sdpa", "model.fp8_head=off"]).model
     torch.manual_seed(0)
-    model = GPT(cfg).configure_for(torch.device(DEVICE)).train()
-    assert model.activation_dtype == torch.bfloat16 and not model.use_fp8
+    model = prepared(GPT(cfg), DEVICE)
+    assert model.activation_dtype == torch.bfloat16 and model.lm_head.fp8_scales is None
     assert model.wte.weight.dtype == model.value_embeds[0].weight.dtype == torch.bfloat16
     assert model.blocks[0].attn.qkv.dtype == torch.float32  # weights stay float32, cast where used
     idx = documents_input()
@@ -199,7 +200,7 @@ def float32_reference(trainer, **changes):
     cfg.attention, cfg.activation_dtype, cfg.fp8_head = "sdpa", "float32", "off"
     for key, value in changes.items():
         setattr(cfg, key, value)
-    model = GPT(cfg).configure_for(trainer.device)
+    model = prepared(GPT(cfg), trainer.device, "eval")
     model.load_state_dict(trainer.model.state_dict())
     assert model.wte.weight.dtype == torch.float32 and model.activation_dtype == torch.float32
     return model.eval()

@@ -11,6 +11,7 @@ import speedrun.attention
 from speedrun.attention import BOS_TOKEN, NO_WINDOW
 from speedrun.config import load_config
 from speedrun.model import GPT, Attention, rotary_tables
+from conftest import prepared
 from torch.utils._python_dispatch import TorchDispatchMode
 
 def tiny(**changes):
@@ -122,7 +123,7 @@ def test_int32_inputs():
 
 def test_tied_head_shares_storage():
     model = build(tiny(tied_head=True, zero_init_head=False))
-    assert model.lm_head is None and model.head_weight is model.wte.weight
+    assert model.lm_head.weight is None and model.head_weight is model.wte.weight
     assert n_params(model) == n_params(build(tiny())) - 50257 * 128  # one table fewer, with the head's padded rows
 
 
@@ -294,7 +295,7 @@ def test_bf16_mode_runs_every_matmul_and_attention_in_bf16(positional, norm):
     bf16, and every matmul and attention call, forward and backward, gets bf16 inputs (a float32
     one would mean a float32 residual stream, q or k somewhere)."""
     cfg = tiny(activation_dtype="bfloat16", positional=positional, norm=norm, max_seq_len=128)
-    model = build(cfg).configure_for(torch.device("cpu")).train()
+    model = prepared(build(cfg))
     assert model.wte.weight.dtype == torch.bfloat16 and model.blocks[0].attn.qkv.dtype == torch.float32
     with MatmulDtypes() as seen:
         loss = model(batch(T=128), batch(T=128, seed=1), window_tokens=128)
@@ -307,7 +308,7 @@ def test_bf16_mode_runs_every_matmul_and_attention_in_bf16(positional, norm):
 
 
 def test_float32_mode_keeps_float32():
-    model = build(tiny()).configure_for(torch.device("cpu"))  # auto: float32 off CUDA
+    model = prepared(build(tiny()), mode="eval")  # auto: float32 off CUDA
     assert model.activation_dtype == torch.float32 and model.wte.weight.dtype == torch.float32
     with MatmulDtypes() as seen:
         model(batch(T=128), batch(T=128, seed=1), window_tokens=128)
@@ -315,10 +316,10 @@ def test_float32_mode_keeps_float32():
 
 
 def test_fp8_switch():
-    cpu = torch.device("cpu")
-    assert not GPT(tiny(fp8_head="off")).configure_for(cpu).use_fp8
-    assert GPT(tiny(fp8_head="on")).configure_for(cpu).use_fp8
-    assert not GPT(tiny(fp8_head="auto")).configure_for(cpu).use_fp8  # no FP8 tensor cores on a CPU
+    assert prepared(GPT(tiny(fp8_head="off"))).lm_head.fp8_scales is None
+    assert prepared(GPT(tiny(fp8_head="on"))).lm_head.fp8_scales == tiny().fp8_scales
+    assert prepared(GPT(tiny(fp8_head="auto"))).lm_head.fp8_scales is None  # no FP8 tensor cores on a CPU
+    assert prepared(GPT(tiny(fp8_head="on")), mode="eval").lm_head.fp8_scales is None  # evaluation in bf16
 
 
 def test_lookup_tables_have_the_vocabulary_rows():
@@ -346,7 +347,7 @@ def test_baseline_uses_plain_causal_attention():
     cfg = load_config("baseline-tiny").model
     assert speedrun.attention.build_masks(batch(), NO_WINDOW, cfg) == {"L": None, "S": None}
     model = build(cfg)
-    assert model.wpe is not None and model.lm_head is None
+    assert model.wpe is not None and model.lm_head.weight is None
     assert logits(model, batch(bos=[50])).isfinite().all()
 
 
@@ -394,14 +395,14 @@ def test_bf16_training_step_on_cuda():
     """One eager step of the tiny model as the trainer runs it: bf16 activations, bf16 embeddings,
     FlexAttention, and the FP8 head where the GPU has it; FlexAttention matches SDPA."""
     torch.manual_seed(0)
-    model = GPT(tiny()).configure_for(torch.device("cuda")).train()
+    model = prepared(GPT(tiny()), "cuda")
     idx = batch(B=4, T=256, bos=[17, 140]).cuda()
     window = torch.tensor(128, dtype=torch.int32, device="cuda")
     loss = model(idx.int(), idx.roll(-1, 1), window_tokens=window)
     loss.backward()
     assert loss.isfinite() and all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
     model.eval()
-    sdpa = GPT(tiny(attention="sdpa")).configure_for(torch.device("cuda")).eval()
+    sdpa = prepared(GPT(tiny(attention="sdpa")), "cuda", "eval")
     sdpa.load_state_dict(model.state_dict())
     with torch.no_grad():
         a, b = model(idx, None, window_tokens=window), sdpa(idx, None, window_tokens=window)

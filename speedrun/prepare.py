@@ -1,0 +1,69 @@
+"""Where the model meets the hardware: one pass, `prepare`, settles for a device and a use what the
+model itself never asks about: the activation dtype, embedding tables in bf16, the FP8 head and
+torch.compile. Train, bench, evaluate and sample all go through it, so a run and a later
+evaluation of its weights compute the same way."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from speedrun.config import Config, ModelConfig
+from speedrun.data.corpus import cache_root
+from speedrun.model import GPT
+
+# train: training mode, compiled as train.compile says, FP8 head where enabled.
+# eval: evaluation mode, compiled on CUDA (FlexAttention's fused kernel), no FP8.
+# generate: evaluation mode, eager: a KV cache changes the shapes at every token.
+MODES = ("train", "eval", "generate")
+
+
+def activation_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if cfg.activation_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.activation_dtype)
+
+
+def fp8_supported(device: torch.device) -> bool:
+    """FP8 matmuls (torch._scaled_mm) on tensor cores: CUDA compute capability 8.9 (Ada) and up."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def uses_fp8_head(cfg: ModelConfig, device: torch.device) -> bool:
+    return cfg.fp8_head == "on" or (cfg.fp8_head == "auto" and fp8_supported(device))
+
+
+def use_persistent_compile_cache() -> None:
+    """Keep inductor's compiled kernels and graphs beside the corpus cache, so a second run of the
+    same config skips most of compilation (torch's default lives in /tmp)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+
+
+def prepare(model: GPT, cfg: Config, device: torch.device, mode: str, sequences_per_loss: int = 1) -> Callable:
+    """Move `model` to `device`, set it up for `mode` (see MODES) and return the callable to run it
+    with (the model, or its compiled wrapper). `sequences_per_loss` is how many sequences each
+    backward's loss is the mean over, accumulation steps included: the FP8 gradient scale of
+    ModelConfig.fp8_scales is for one sequence's mean loss, as each rank computes it in the record,
+    so it is multiplied by this to put the logit gradients in the same FP8 range at any world size
+    and micro-batch."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode '{mode}'; expected one of {', '.join(MODES)}")
+    m = cfg.model
+    model.to(device)
+    model.activation_dtype = activation_dtype(m, device)
+    if model.activation_dtype == torch.bfloat16 and m.bf16_embeddings:
+        for module in model.modules():
+            if isinstance(module, nn.Embedding):
+                module.bfloat16()
+    training = mode == "train"
+    fp8 = training and uses_fp8_head(m, device)
+    model.lm_head.fp8_scales = [*m.fp8_scales[:2], m.fp8_scales[2] * sequences_per_loss] if fp8 else None
+    model.train(training)
+    compiled = cfg.train.compile if training else mode == "eval" and device.type == "cuda"
+    if compiled:
+        use_persistent_compile_cache()
+        return torch.compile(model, dynamic=False)
+    return model

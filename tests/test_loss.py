@@ -1,0 +1,85 @@
+"""The loss tail (speedrun/loss.py): the head's logits, softcap and vocabulary crop against a plain
+matmul, and the several-targets form against explicit sums."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from speedrun.config import load_config
+from speedrun.loss import LMHead
+from speedrun.model import GPT
+
+VOCAB, DIM, B, T = 300, 16, 2, 24
+
+
+def head(**changes) -> LMHead:
+    cfg = load_config("tiny").model
+    cfg.vocab_size, cfg.model_dim = VOCAB, DIM
+    for key, value in changes.items():
+        setattr(cfg, key, value)
+    h = LMHead(cfg, padded_vocab=384)
+    if h.weight is not None:
+        torch.nn.init.normal_(h.weight, generator=torch.Generator().manual_seed(0))
+    return h
+
+
+def data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, DIM, generator=g), torch.randint(0, VOCAB, (B, T), generator=g)
+
+
+def test_logits_are_the_softcapped_matmul_over_the_vocabulary_columns():
+    h, (x, _) = head(), data()
+    u = x @ h.weight.T
+    assert u.shape[-1] == 384
+    expected = 30.0 * torch.sigmoid(u[..., :VOCAB] / 7.5)
+    torch.testing.assert_close(h(x, None), expected)
+    plain = head(logit_softcap=0.0)
+    torch.testing.assert_close(plain(x, None), u[..., :VOCAB])
+
+
+def test_a_tied_head_uses_the_weight_it_is_given():
+    h, (x, _) = head(tied_head=True, zero_init_head=False), data()
+    assert h.weight is None and not list(h.parameters())
+    w = torch.randn(384, DIM)
+    torch.testing.assert_close(h(x, w), 30.0 * torch.sigmoid((x @ w.T)[..., :VOCAB] / 7.5))
+
+
+def test_the_default_loss_is_the_next_token_cross_entropy():
+    h, (x, targets) = head(), data()
+    logits = h(x, None)
+    assert torch.equal(h(x, None, targets), F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1)))
+
+
+def test_future_weights_sum_the_losses_against_later_tokens():
+    """Multi-token prediction's form: sum_k w_k * mean CE(logits[t], targets[t + k]) over the
+    positions that have a target k further on."""
+    h, (x, targets) = head(), data()
+    logits = h(x, None)
+    log_p = logits.log_softmax(-1)
+    expected = 0.0
+    for k, w in enumerate([1.0, 0.5, 0.25]):
+        picked = [log_p[b, t, targets[b, t + k]] for b in range(B) for t in range(T - k)]
+        expected += w * -torch.stack(picked).mean()
+    got = h(x, None, targets, future_weights=[1.0, 0.5, 0.25])
+    torch.testing.assert_close(got, expected)
+    assert h(x, None, targets, future_weights=[1.0, 0.0]) == h(x, None, targets)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "baseline-tiny"])
+def test_every_parameter_has_one_role_by_what_holds_it(preset):
+    cfg = load_config(preset).model
+    with torch.device("meta"):
+        model = GPT(cfg)
+    roles = model.param_groups()
+    by_id = {id(p): role for role, params in roles.items() for p in params}
+    assert len(by_id) == sum(len(v) for v in roles.values()) == len(list(model.parameters()))
+    assert {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)} == \
+        {id(p) for p in roles["embed"]}
+    assert roles.get("head", []) == ([] if cfg.tied_head else [model.lm_head.weight])
+    assert all(p.ndim < 2 for p in roles["scalar"]) and all(p.ndim >= 2 for p in roles["hidden"])
+    # a module added later finds its group without a change to param_groups
+    model.bigram = torch.nn.Embedding(10, cfg.model_dim, device="meta")
+    model.gate = torch.nn.Parameter(torch.zeros(3, device="meta"))
+    roles = model.param_groups()
+    assert any(p is model.bigram.weight for p in roles["embed"]) and any(p is model.gate for p in roles["scalar"])
