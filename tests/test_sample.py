@@ -12,8 +12,9 @@ from speedrun.attention import BOS_TOKEN, NO_WINDOW
 from speedrun.config import load_config
 from speedrun.data.tokenizer import gpt2
 from speedrun.errors import UsageError
-from speedrun.model import GPT, KVCache
-from speedrun.sample import generate, next_token, sample
+from speedrun.generate import KVCache, generate, next_token
+from speedrun.model import GPT
+from speedrun.sample import sample
 from test_export import saved_run, trained_run
 
 WINDOW = 16
