@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from speedrun.data.corpus import cache_root
 from speedrun.data.tokenizer import EOT, gpt2
 from speedrun.errors import DataError, UsageError, first_line
-from speedrun.export import final_window, load_model
+from speedrun.loading import final_window, load_model
 from speedrun.model import GPT
 
 # The validation split as the hub's own Parquet conversion of the dataset (a branch every dataset

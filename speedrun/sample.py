@@ -13,8 +13,8 @@ import torch
 
 from speedrun.data.tokenizer import EOT, gpt2
 from speedrun.errors import UsageError
-from speedrun.export import final_window, load_model
 from speedrun.generate import generate
+from speedrun.loading import final_window, load_model
 
 
 def sample(path: str, prompt: str = "", max_tokens: int = 256, temperature: float = 0.8, top_k: int | None = 200,

@@ -13,7 +13,8 @@ from speedrun import checkpoint
 from speedrun.attention import BOS_TOKEN
 from speedrun.config import load_config, to_dict
 from speedrun.distributed import Runtime
-from speedrun.export import final_window, from_pretrained, load_model
+from speedrun.export import from_pretrained  # the import exported READMEs show
+from speedrun.loading import final_window, load_model
 from speedrun.model import GPT
 
 # Smaller than conftest.SMALL_RUN: two steps, no untimed warm-up, and a validation set of one
