@@ -61,12 +61,12 @@ def load_model(path: str | Path, device: str | torch.device = "auto") -> tuple[C
     if (path / CONFIG).is_file() and (path / WEIGHTS).is_file():
         cfg, weights = _read_export_config(path), path / WEIGHTS
     else:
-        found = [path] if (path / "state.json").is_file() else checkpoint.list_checkpoints(path)
-        if not found:
+        found = checkpoint.newest(path)
+        if found is None:
             raise UsageError(f"{path}: no checkpoint there (expected a run directory with "
                              f"checkpoints/{checkpoint.PREFIX}*, a checkpoint directory or a folder written by "
                              "`speedrun export`)")
-        cfg, weights = checkpoint.read_config(found[-1]), found[-1] / WEIGHTS
+        cfg, weights = checkpoint.read_config(found), found / WEIGHTS
     model = _build(cfg, weights, device)
     model.activation_dtype = activation_dtype(cfg.model, device)
     return cfg, model
