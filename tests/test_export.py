@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from conftest import run_cli
 from speedrun import checkpoint
-from speedrun.attention import BOS_TOKEN
 from speedrun.config import load_config, to_dict
+from speedrun.data.tokenizer import EOT
 from speedrun.distributed import Runtime
 from speedrun.export import from_pretrained  # the import exported READMEs show
 from speedrun.loading import final_window, load_model
@@ -50,8 +50,8 @@ def saved_run(run_dir: Path, preset: str, seed: int = 0, bf16_embeddings: bool =
 
 
 def logits(model, seed=0, T=96):
-    idx = torch.randint(0, BOS_TOKEN, (2, T), generator=torch.Generator().manual_seed(seed))
-    idx[:, 0] = idx[:, 40] = BOS_TOKEN
+    idx = torch.randint(0, EOT, (2, T), generator=torch.Generator().manual_seed(seed))
+    idx[:, 0] = idx[:, 40] = EOT
     with torch.no_grad():
         return model(idx, window_tokens=64)
 
