@@ -22,8 +22,8 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from speedrun.config import ModelConfig
+from speedrun.data.tokenizer import EOT
 
-BOS_TOKEN = 50256  # GPT-2's <|endoftext|>, which the data puts at the start of every document
 NO_WINDOW = 1 << 30  # a window longer than any sequence
 
 
@@ -43,8 +43,9 @@ def window_tokens(step: int, total_steps: int, cfg: ModelConfig) -> int:
 
 
 def document_ids(idx: Tensor) -> Tensor:
-    """(B, T) tokens -> (B, T) ids that increase by one at every BOS."""
-    return (idx == BOS_TOKEN).cumsum(-1)
+    """(B, T) tokens -> (B, T) ids that increase by one at every BOS (EOT, which the data puts at
+    the start of every document)."""
+    return (idx == EOT).cumsum(-1)
 
 
 # How much each long_short_pattern letter divides the window by: S layers see half of it.

@@ -67,20 +67,24 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))  # by step: step_1000000 after step_999999
 
 
-def find_resume(run_dir: Path, resume: str) -> Path | None:
-    """`auto`: the newest checkpoint under run_dir, or None for a fresh start. Otherwise a checkpoint
-    directory, or a run directory whose newest checkpoint is used."""
-    if resume == "auto":
-        found = list_checkpoints(run_dir)
-        return found[-1] if found else None
-    path = Path(resume)
+def newest(path: str | Path) -> Path | None:
+    """`path` itself if it is a checkpoint directory, else the newest checkpoint of the run directory
+    `path`; None if there is none."""
+    path = Path(path)
     if (path / "state.json").is_file():
         return path
     found = list_checkpoints(path)
-    if not found:
+    return found[-1] if found else None
+
+
+def find_resume(run_dir: Path, resume: str) -> Path | None:
+    """`auto`: the newest checkpoint under run_dir, or None for a fresh start. Otherwise a checkpoint
+    directory, or a run directory whose newest checkpoint is used."""
+    found = newest(run_dir if resume == "auto" else resume)
+    if found is None and resume != "auto":
         raise UsageError(f"--resume {resume}: no checkpoint there (expected a run directory with checkpoints/{PREFIX}* "
                          f"or a checkpoint directory with state.json)")
-    return found[-1]
+    return found
 
 
 def read_config(ckpt: Path) -> Config:

@@ -171,11 +171,12 @@ def _selftest_inputs(ctx: Context, dtype):
     """q, k, v, the document ids and the window tensor (int32 on the device, as the trainer passes it)."""
     import torch
 
-    from speedrun.attention import BOS_TOKEN, NO_WINDOW, document_ids
+    from speedrun.attention import NO_WINDOW, document_ids
+    from speedrun.data.tokenizer import EOT
 
     g = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, BOS_TOKEN, (1, SELFTEST_T), generator=g)
-    idx[0, SELFTEST_BOS] = BOS_TOKEN
+    idx = torch.randint(0, EOT, (1, SELFTEST_T), generator=g)
+    idx[0, SELFTEST_BOS] = EOT
     docs = document_ids(idx).to(ctx.device) if ctx.cfg.model.document_mask else None
     # block rule: L layers see both blocks, S layers one; token rule: 200 is not whole blocks
     size = (256 if ctx.cfg.model.window_granularity == "block" else 200) if ctx.cfg.model.sliding_window else NO_WINDOW

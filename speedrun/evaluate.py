@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from speedrun.data.corpus import cache_root
 from speedrun.data.tokenizer import EOT, gpt2
 from speedrun.errors import DataError, UsageError, first_line
-from speedrun.export import final_window, load_model
+from speedrun.loading import final_window, load_model
 from speedrun.model import GPT
+from speedrun.prepare import prepare
 
 # The validation split as the hub's own Parquet conversion of the dataset (a branch every dataset
 # repo with a viewer has), so no dataset-loading script runs and `datasets` is not needed.
@@ -125,6 +126,7 @@ def hellaswag(path: str, data: str | None = None, limit: int | None = None, devi
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1, got {limit}")
     cfg, model = load_model(path, device)
+    prepare(model, cfg, next(model.parameters()).device, "inference")
     data_path = Path(data) if data is not None else fetch_hellaswag()
     items = read_hellaswag(data_path)[:limit]
     window = final_window(cfg)
@@ -175,8 +177,7 @@ def shard_loss(path: str, data: str, tokens: int | None = None, seq_len: int | N
     if not files:
         raise DataError(f"no shards matching '{pattern}' in {folder}")
     device = next(model.parameters()).device
-    # as in training: compiled on CUDA, so FlexAttention's kernel is fused
-    forward = torch.compile(model, dynamic=False) if device.type == "cuda" else model
+    forward = prepare(model, cfg, device, "eval")
     window = final_window(cfg)
     byte_counts = token_bytes().to(device)
     nats = torch.zeros((), dtype=torch.float64, device=device)

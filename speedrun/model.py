@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from speedrun.attention import (NO_WINDOW, SHRINK, attend, build_masks, document_ids, farthest_key, mask_rule,
-                                window_rule_block)
+from speedrun.attention import NO_WINDOW, SHRINK, attend, build_masks, farthest_key, window_rule_block
 from speedrun.config import ModelConfig
 from speedrun.loss import LMHead
 
@@ -73,55 +72,6 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
 
 
-class LayerCache:
-    """One layer's keys and values, (B, H, S, D), trimmed to the last `keep` positions: a query
-    never sees further back than its window, so older keys can only ever be masked out."""
-
-    def __init__(self, keep: int):
-        self.keep = keep
-        self.k = self.v = None
-
-    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append the new positions; return every key and value the new queries may need."""
-        if self.k is not None:
-            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
-        self.k, self.v = k[:, :, -self.keep:], v[:, :, -self.keep:]
-        return k, v
-
-
-class KVCache:
-    """State for decoding a few tokens at a time: pass one cache to successive `GPT.forward` calls,
-    each with only the tokens that follow the last call's. Positions, documents and the window then
-    count from the first call's first token, so the logits equal those of one uncached forward over
-    the whole sequence. The window is fixed here because keys it has let go of cannot come back."""
-
-    def __init__(self, cfg: ModelConfig, window: int = NO_WINDOW):
-        self.cfg, self.window, self.block = cfg, window, window_rule_block(cfg)
-        self.keep = {letter: farthest_key(window, shrink, self.block) for letter, shrink in SHRINK.items()}
-        self.layers = [LayerCache(self.keep[letter]) for letter in map(cfg.window_letter, range(cfg.n_layer))]
-        self.tokens: Tensor | None = None  # every token so far: document ids count BOS from the start
-
-    @property
-    def length(self) -> int:
-        return 0 if self.tokens is None else self.tokens.size(1)
-
-    def masks(self, idx: Tensor) -> dict[str, Tensor]:
-        """Record the new tokens; return per letter the (B or 1, 1, T, kept + T) mask of the new
-        queries over the keys that letter's layers hold, by `mask_rule` at absolute positions."""
-        past = self.length
-        self.tokens = idx if self.tokens is None else torch.cat([self.tokens, idx], dim=1)
-        docs = document_ids(self.tokens) if self.cfg.document_mask else None
-        device = idx.device
-        queries = torch.arange(past, self.tokens.size(1), device=device)[:, None]
-        b = torch.arange(idx.size(0) if docs is not None else 1, device=device)[:, None, None, None]
-        masks = {}
-        for letter, shrink in SHRINK.items():
-            held = min(past, self.keep[letter])
-            keys = torch.arange(past - held, self.tokens.size(1), device=device)[None, :]
-            masks[letter] = mask_rule(docs, self.window, shrink, self.block)(b, 0, queries, keys)
-        return masks
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, has_value_embed: bool):
         super().__init__()
@@ -136,7 +86,7 @@ class Attention(nn.Module):
         self.scale = cfg.attn_scale or cfg.head_dim ** -0.5
 
     def forward(self, x: Tensor, ve: Tensor | None, mask, rotary: tuple[Tensor, Tensor] | None,
-                cache: LayerCache | None = None) -> Tensor:
+                cache=None) -> Tensor:
         B, T, _ = x.shape
         bias = None if self.qkv_bias is None else self.qkv_bias.type_as(x)
         qkv = F.linear(x, self.qkv.flatten(0, 1).type_as(x), bias)
@@ -180,7 +130,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.x0_mix = nn.Parameter(torch.empty(2)) if cfg.x0_mix else None
 
-    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, mask, rotary, cache: LayerCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, mask, rotary, cache=None) -> Tensor:
         if self.x0_mix is not None:
             x = self.x0_mix[0] * x + self.x0_mix[1] * x0
         if self.attn is not None:
@@ -271,7 +221,7 @@ class GPT(nn.Module):
                 m.reset_parameters()
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, window_tokens: int | Tensor = NO_WINDOW,
-                cache: KVCache | None = None) -> Tensor:
+                cache=None) -> Tensor:
         """idx (B, T) int -> mean cross-entropy against targets (B, T), or, with targets None,
         logits (B, T, vocab_size) in float32. `window_tokens` may be a 0-d int tensor on the
         model's device, so a compiled model need not recompile as the window grows. With a `cache`,

@@ -16,9 +16,10 @@ from speedrun.data.corpus import cache_root
 from speedrun.model import GPT
 
 # train: training mode, compiled as train.compile says, FP8 head where enabled.
-# eval: evaluation mode, compiled on CUDA (FlexAttention's fused kernel), no FP8.
-# generate: evaluation mode, eager: a KV cache changes the shapes at every token.
-MODES = ("train", "eval", "generate")
+# eval: evaluation mode on batches of one shape, compiled on CUDA (FlexAttention's fused kernel).
+# inference: evaluation mode, eager, for inputs whose shapes change at every call (sampling over a
+# KV cache, HellaSwag's items), where a compiled model would recompile.
+MODES = ("train", "eval", "inference")
 
 
 def activation_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:

@@ -1,44 +1,21 @@
 """`speedrun sample`: text from a trained model, streamed to the terminal as it is generated. The
-prompt is one document: <|endoftext|> (BOS) and then its tokens. Each new token is one forward pass
-of that token alone over a KV cache, with the attention window the run ended with."""
+prompt is one document: <|endoftext|> (BOS) and then its tokens. Decoding is `speedrun.generate`'s:
+each new token is one forward pass of that token alone over a KV cache, with the attention window
+the run ended with."""
 
 from __future__ import annotations
 
 import argparse
 import codecs
 import sys
-from collections.abc import Iterator
 
 import torch
 
 from speedrun.data.tokenizer import EOT, gpt2
 from speedrun.errors import UsageError
-from speedrun.export import final_window, load_model
-from speedrun.model import GPT, KVCache
-
-
-def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> torch.Tensor:
-    """(B, vocab) logits -> (B, 1) tokens: the most likely at temperature 0, else a draw from the
-    softmax of logits / temperature restricted to the top_k most likely."""
-    if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
-
-
-@torch.no_grad()
-def generate(model: GPT, prompt: torch.Tensor, max_tokens: int, window: int, temperature: float = 0.0,
-             top_k: int | None = None, generator: torch.Generator | None = None) -> Iterator[int]:
-    """Yield up to `max_tokens` tokens following `prompt` (B=1, T) one at a time: the prompt is fed
-    once, then each new token alone, over a KV cache."""
-    cache = KVCache(model.cfg, window)
-    new = prompt
-    for _ in range(max_tokens):
-        new = next_token(model(new, cache=cache)[:, -1], temperature, top_k, generator)
-        yield int(new)
+from speedrun.generate import generate
+from speedrun.loading import final_window, load_model
+from speedrun.prepare import prepare
 
 
 def sample(path: str, prompt: str = "", max_tokens: int = 256, temperature: float = 0.8, top_k: int | None = 200,
@@ -58,6 +35,7 @@ def sample(path: str, prompt: str = "", max_tokens: int = 256, temperature: floa
         raise UsageError(f"the prompt ({len(tokens)} tokens with BOS) plus --max-tokens {max_tokens} exceeds the "
                          f"{cfg.model.max_seq_len} positions this model has learned")
     device = next(model.parameters()).device
+    prepare(model, cfg, device, "inference")
     generator = None
     if seed is not None:
         generator = torch.Generator(device).manual_seed(seed)

@@ -10,9 +10,10 @@ from fractions import Fraction
 import pytest
 import torch
 
-from speedrun.attention import (BOS_TOKEN, NO_WINDOW, SHRINK, attend, build_masks, dense_mask, document_ids,
-                                flex_masks, use_flex, window_tokens)
+from speedrun.attention import (NO_WINDOW, SHRINK, attend, build_masks, dense_mask, document_ids, flex_masks,
+                                use_flex, window_tokens)
 from speedrun.config import load_config
+from speedrun.data.tokenizer import EOT
 
 T, BLOCK, HEADS, HEAD_DIM, SCALE = 512, 128, 2, 16, 0.12
 
@@ -26,14 +27,14 @@ def _quiet_flex():
 def tokens(layout: str, seed: int = 0) -> torch.Tensor:
     """(2, T) tokens without BOS except where the layout puts them; the two rows differ."""
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, BOS_TOKEN, (2, T), generator=g)
+    idx = torch.randint(0, EOT, (2, T), generator=g)
     if layout == "start":
-        idx[:, 0] = BOS_TOKEN
+        idx[:, 0] = EOT
     elif layout == "block_edges":  # documents ending and starting exactly at block boundaries
-        idx[0, [0, 127, 128, 256]] = BOS_TOKEN
-        idx[1, [255, 383, 384, 511]] = BOS_TOKEN
+        idx[0, [0, 127, 128, 256]] = EOT
+        idx[1, [255, 383, 384, 511]] = EOT
     elif layout == "many":
-        idx[torch.rand(2, T, generator=g) < 0.03] = BOS_TOKEN
+        idx[torch.rand(2, T, generator=g) < 0.03] = EOT
     else:
         assert layout == "none"
     return idx
@@ -56,7 +57,7 @@ def allowed_reference(idx: torch.Tensor, window: int, shrink: int, document_mask
         for b in range(B):
             doc, current = [], 0
             for t in idx[b].tolist():
-                current += t == BOS_TOKEN
+                current += t == EOT
                 doc.append(current)
             doc = torch.tensor(doc)
             allowed[b] &= doc[:, None] == doc[None, :]

@@ -39,7 +39,7 @@ def test_builtin_corpus_is_cached_shards_with_a_whole_document_val_split(built):
     assert manifest["val_documents"] and manifest["documents"] == int(np.count_nonzero(train_tokens == EOT)) + \
         int(np.count_nonzero(val_tokens == EOT))
     assert "Python" in decode(train_tokens[:20000])
-    assert len(list(val_batches(val, val_tokens=32768, seq_len=1024))) == 32  # the tiny preset's val set fits
+    assert len(list(val_batches(val, val_tokens=32768, seq_len=1024))) == 32  # twice the tiny preset's val set fits
     assert corpus.builtin_corpus_dir() == built  # found, not rebuilt
 
 

@@ -18,7 +18,7 @@ from speedrun.data import shards
 from speedrun.data.corpus import builtin_corpus_dir
 from speedrun.data.tokenizer import EOT, gpt2
 from speedrun.errors import DataError
-from speedrun.export import final_window, load_model
+from speedrun.loading import final_window, load_model
 from test_export import trained_run
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hellaswag_tiny.jsonl"

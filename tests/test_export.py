@@ -10,10 +10,11 @@ from safetensors.torch import load_file
 
 from conftest import run_cli
 from speedrun import checkpoint
-from speedrun.attention import BOS_TOKEN
 from speedrun.config import load_config, to_dict
+from speedrun.data.tokenizer import EOT
 from speedrun.distributed import Runtime
-from speedrun.export import final_window, from_pretrained, load_model
+from speedrun.export import from_pretrained  # the import exported READMEs show
+from speedrun.loading import final_window, load_model
 from speedrun.model import GPT
 
 # Smaller than conftest.SMALL_RUN: two steps, no untimed warm-up, and a validation set of one
@@ -49,8 +50,8 @@ def saved_run(run_dir: Path, preset: str, seed: int = 0, bf16_embeddings: bool =
 
 
 def logits(model, seed=0, T=96):
-    idx = torch.randint(0, BOS_TOKEN, (2, T), generator=torch.Generator().manual_seed(seed))
-    idx[:, 0] = idx[:, 40] = BOS_TOKEN
+    idx = torch.randint(0, EOT, (2, T), generator=torch.Generator().manual_seed(seed))
+    idx[:, 0] = idx[:, 40] = EOT
     with torch.no_grad():
         return model(idx, window_tokens=64)
 
@@ -85,7 +86,7 @@ def test_tied_head_survives_export(tmp_path):
     run = saved_run(tmp_path / "baseline", "baseline-tiny")
     run_cli("export", str(run), "--out", str(tmp_path / "out"))
     model = from_pretrained(tmp_path / "out")
-    assert model.lm_head is None and model.head_weight.data_ptr() == model.wte.weight.data_ptr()
+    assert model.lm_head.weight is None and model.head_weight.data_ptr() == model.wte.weight.data_ptr()
     assert torch.equal(logits(model), logits(load_model(checkpoint.list_checkpoints(run)[-1], "cpu")[1]))
 
 

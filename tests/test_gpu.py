@@ -21,10 +21,11 @@ import torch
 from torch.nn.attention.flex_attention import flex_attention
 
 import speedrun.attention
-from speedrun.attention import BOS_TOKEN, NO_WINDOW, flex_masks, use_flex, window_tokens
+from speedrun.attention import NO_WINDOW, flex_masks, use_flex, window_tokens
 from speedrun.bench import graphs_compiled
 from speedrun.config import load_config
 from speedrun.data import shards
+from speedrun.data.tokenizer import EOT
 from speedrun.distributed import setup
 from speedrun.model import GPT
 from speedrun.train import Trainer
@@ -62,7 +63,7 @@ WRONG_FACTOR = 5
 LOSS_TOL = 5e-3
 
 
-def write_shards(directory, *, train_tokens=60_000, val_tokens=4_096, vocab=BOS_TOKEN, documents=True, seed=0):
+def write_shards(directory, *, train_tokens=60_000, val_tokens=4_096, vocab=EOT, documents=True, seed=0):
     """One train and one val shard of random tokens below `vocab`; with `documents`, every 50 to
     700 tokens a BOS starts a new document."""
     rng = np.random.default_rng(seed)
@@ -71,7 +72,7 @@ def write_shards(directory, *, train_tokens=60_000, val_tokens=4_096, vocab=BOS_
         tokens = rng.integers(0, vocab, n).astype(np.uint16)
         pos = 0
         while documents and pos < n:
-            tokens[pos] = BOS_TOKEN
+            tokens[pos] = EOT
             pos += int(rng.integers(50, 700))
         return tokens
 
@@ -98,9 +99,9 @@ def synchronize():
 
 def documents_input(T=1024):
     """(2, T) int32 tokens on DEVICE with documents starting at DOC_STARTS."""
-    idx = torch.randint(0, BOS_TOKEN, (len(DOC_STARTS), T), generator=torch.Generator().manual_seed(1))
+    idx = torch.randint(0, EOT, (len(DOC_STARTS), T), generator=torch.Generator().manual_seed(1))
     for row, starts in enumerate(DOC_STARTS):
-        idx[row, starts] = BOS_TOKEN
+        idx[row, starts] = EOT
     return idx.to(torch.int32).to(DEVICE)
 
 

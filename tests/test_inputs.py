@@ -8,6 +8,7 @@ import pytest
 from conftest import SMALL_RUN, run_cli
 from speedrun.config import ConfigError, load_config
 from speedrun.data import shards
+from speedrun.data.tokenizer import EOT
 
 
 @pytest.mark.parametrize("override,message", [
@@ -40,7 +41,7 @@ def _data(folder, train_tokens, val_tokens, top=1000):
     folder.mkdir(parents=True)
     for name, n in (("d_train_000.bin", train_tokens), ("d_val_000.bin", val_tokens)):
         tokens = rng.integers(0, top, n).astype(np.uint16)
-        tokens[0] = 50256
+        tokens[0] = EOT
         shards.write_shard(folder / name, tokens)
     return folder
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import speedrun.attention
-from speedrun.attention import BOS_TOKEN, NO_WINDOW
+from speedrun.attention import NO_WINDOW
 from speedrun.config import load_config
+from speedrun.data.tokenizer import EOT
 from speedrun.model import GPT, Attention, rotary_tables
 from conftest import prepared
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -30,9 +31,9 @@ def build(cfg, seed=0):
 
 
 def batch(B=2, T=128, seed=0, bos=()):
-    idx = torch.randint(0, BOS_TOKEN, (B, T), generator=torch.Generator().manual_seed(seed))
+    idx = torch.randint(0, EOT, (B, T), generator=torch.Generator().manual_seed(seed))
     for t in bos:
-        idx[:, t] = BOS_TOKEN
+        idx[:, t] = EOT
     return idx
 
 
@@ -358,7 +359,7 @@ def test_tiny_preset_memorises_one_batch():
     (512 x 128) @ (128 x 50304) head matmul and its backward."""
     torch.manual_seed(0)
     model = GPT(load_config("tiny").model)
-    idx = torch.randint(0, BOS_TOKEN, (4, 129), generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, EOT, (4, 129), generator=torch.Generator().manual_seed(0))
     inputs, targets = idx[:, :-1], idx[:, 1:]
     opt = torch.optim.Adam(model.parameters(), lr=0.01, fused=True)
     losses = []

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from conftest import run_cli
-from speedrun.attention import BOS_TOKEN, NO_WINDOW
+from speedrun.attention import NO_WINDOW
 from speedrun.config import load_config
-from speedrun.data.tokenizer import gpt2
+from speedrun.data.tokenizer import EOT, gpt2
 from speedrun.errors import UsageError
-from speedrun.model import GPT, KVCache
-from speedrun.sample import generate, next_token, sample
+from speedrun.generate import KVCache, generate, next_token
+from speedrun.model import GPT
+from speedrun.sample import sample
 from test_export import saved_run, trained_run
 
 WINDOW = 16
@@ -50,9 +51,9 @@ def uncached_greedy(model, prompt, n, window):
 @pytest.mark.parametrize("case", list(CASES))
 def test_cached_logits_equal_uncached(case):
     model, window = model_for(case)
-    idx = torch.randint(0, BOS_TOKEN, (2, 70), generator=torch.Generator().manual_seed(1))
-    idx[:, 0] = BOS_TOKEN
-    idx[0, 30] = BOS_TOKEN  # a document starting mid-way, in one row only
+    idx = torch.randint(0, EOT, (2, 70), generator=torch.Generator().manual_seed(1))
+    idx[:, 0] = EOT
+    idx[0, 30] = EOT  # a document starting mid-way, in one row only
     cache = KVCache(model.cfg, window)
     with torch.no_grad():
         whole = model(idx, window_tokens=window)
@@ -70,7 +71,7 @@ def test_cached_logits_equal_uncached(case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_cached_greedy_generation_equals_uncached(case):
     model, window = model_for(case)
-    prompt = torch.tensor([[BOS_TOKEN] + gpt2().encode_ordinary("The quick brown fox")])
+    prompt = torch.tensor([[EOT] + gpt2().encode_ordinary("The quick brown fox")])
     n = 48  # with the prompt, three times the window
     tokens = list(generate(model, prompt, n, window))
     assert tokens == uncached_greedy(model, prompt, n, window)
@@ -101,7 +102,7 @@ def test_sample_streams_the_decoded_tokens_and_seed_repeats(run):
     out = io.StringIO()
     tokens = sample(str(run), "Return the", max_tokens=20, temperature=1.0, top_k=50, seed=3, device="cpu", out=out)
     assert 0 < len(tokens) <= 20
-    text = [t for t in tokens if t != BOS_TOKEN]
+    text = [t for t in tokens if t != EOT]
     assert out.getvalue() == "Return the" + gpt2().decode(text) + "\n"
     again = io.StringIO()
     assert sample(str(run), "Return the", max_tokens=20, temperature=1.0, top_k=50, seed=3, device="cpu", out=again) == tokens

@@ -6,13 +6,18 @@ from __future__ import annotations
 import base64
 import functools
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tiktoken
 
 from speedrun.errors import DataError
 
-EOT = 50256  # <|endoftext|>: the separator written before every document, so also the BOS token
+if TYPE_CHECKING:
+    import tiktoken
+
+# <|endoftext|>: the separator written before every document, so also the BOS token. The model
+# imports it from here too, which is why tiktoken is only imported when an encoding is built.
+EOT = 50256
 VOCAB_SIZE = 50257
 _RANKS_FILE = "gpt2.tiktoken"
 _RANK_COUNT = 50256
@@ -40,6 +45,8 @@ def _load_ranks() -> dict[bytes, int]:
 
 @functools.cache
 def gpt2() -> tiktoken.Encoding:
+    import tiktoken
+
     return tiktoken.Encoding(
         name="gpt2-speedrun",
         pat_str=GPT2_SPLIT_PATTERN,
