@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from speedrun.attention import NO_WINDOW, SHRINK, attend, build_masks, farthest_key, window_rule_block
 from speedrun.config import ModelConfig
+from speedrun.embed import build_input_embeddings, embed
 from speedrun.loss import LMHead
 
 
@@ -146,10 +147,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.padded_vocab = -(-cfg.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
         dim = cfg.model_dim
-        # Lookup tables need only the vocabulary's rows (as the record); a tied table is also the
-        # head, whose rows are padded so its matmul tiles evenly.
-        self.wte = nn.Embedding(self.padded_vocab if cfg.tied_head else cfg.vocab_size, dim)
-        self.wpe = nn.Embedding(cfg.max_seq_len, dim) if cfg.positional == "learned" else None
+        build_input_embeddings(self, cfg, self.padded_vocab)  # wte, and wpe for learned positions
         self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, dim) for _ in range(cfg.value_embeds))
         self.blocks = nn.ModuleList(Block(cfg, i, self._value_table(i) is not None) for i in range(cfg.n_layer))
         # encoder layers i < n_layer//2 feed decoder layer n_layer-1-i; an odd middle layer gets none
@@ -191,8 +189,9 @@ class GPT(nn.Module):
             else:
                 w.normal_(0.0, 0.02 / (2 * cfg.n_layer) ** 0.5 if residual else 0.02)
 
-        for emb in [self.wte, *self.value_embeds] + ([self.wpe] if self.wpe is not None else []):
-            emb.weight.normal_(0.0, 1.0 if speedrun else 0.02)
+        for emb in self.modules():
+            if isinstance(emb, nn.Embedding):
+                emb.weight.normal_(0.0, 1.0 if speedrun else 0.02)
         for block in self.blocks:
             if block.attn is not None:
                 matrix(block.attn.qkv)
@@ -229,9 +228,7 @@ class GPT(nn.Module):
         cfg = self.cfg
         B, T = idx.shape
         past = 0 if cache is None else cache.length
-        x = self.wte(idx).to(self.activation_dtype)
-        if self.wpe is not None:
-            x = x + self.wpe(torch.arange(past, past + T, device=idx.device)).to(self.activation_dtype)
+        x = embed(self, idx, past, self.activation_dtype)
         if cfg.norm == "rms":
             x = rms_norm(x)
         x0 = x
