@@ -223,10 +223,11 @@ class GPT(nn.Module):
                 cache=None) -> Tensor:
         """idx (B, T) int -> mean cross-entropy against targets (B, T), or, with targets None,
         logits (B, T, vocab_size) in float32. `window_tokens` may be a 0-d int tensor on the
-        model's device, so a compiled model need not recompile as the window grows. With a `cache`,
-        idx holds only the tokens after those already cached, and the cache's window applies."""
+        model's device, so a compiled model need not recompile as the window grows. With a `cache`
+        (speedrun.generate.KVCache), idx holds only the tokens after those already cached, and the
+        cache's window applies."""
         cfg = self.cfg
-        B, T = idx.shape
+        T = idx.size(1)
         past = 0 if cache is None else cache.length
         x = embed(self, idx, past, self.activation_dtype)
         if cfg.norm == "rms":
