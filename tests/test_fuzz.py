@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import prepared, speedrun_cmd
-from speedrun import analysis, checkpoint, cli, export
+from speedrun import analysis, checkpoint, cli, export, loading
 from speedrun.config import Config, from_dict, load_config, to_dict, to_toml
 from speedrun.data import shards
 from speedrun.data.loader import TrainLoader
@@ -340,7 +340,7 @@ def _check_checkpoint(out: Outcomes, case: str, ckpt: Path, cfg, train_file: Pat
     if saved is not REFUSED:
         out.sane(case, _config_sane, saved)
     no_state = not (ckpt / "state.json").is_file()
-    loaded = out.call(case, export.load_model, ckpt, "cpu", name=ckpt.name,
+    loaded = out.call(case, loading.load_model, ckpt, "cpu", name=ckpt.name,
                       expect=UsageError if no_state else DataError)
     if loaded is not REFUSED:
         out.sane(case, _model_sane, loaded)
@@ -497,7 +497,7 @@ def test_damaged_export_folders(small_checkpoint, tmp_path, name, n):
         model = out.call(case, export.from_pretrained, copy, name=copy.name, expect=DataError)
         if model is not REFUSED:
             out.sane(case, _model_sane, (cfg, model))
-        loaded = out.call(case, export.load_model, copy, "cpu", name=copy.name, expect=DataError)
+        loaded = out.call(case, loading.load_model, copy, "cpu", name=copy.name, expect=DataError)
         if loaded is not REFUSED:
             out.sane(case, _model_sane, loaded)
     out.done()
