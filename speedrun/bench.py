@@ -20,7 +20,7 @@ import torch
 from speedrun.config import load_config
 from speedrun.errors import UsageError
 from speedrun.distributed import setup, teardown
-from speedrun.runlog import device_description, peak_flops
+from speedrun.runlog import device_description, mfu, peak_flops
 
 
 def measure(preset: str, overrides: list[str], steps: int, warmup: int, device: str, compile: bool | None) -> dict:
@@ -46,14 +46,14 @@ def measure(preset: str, overrides: list[str], steps: int, warmup: int, device: 
     recompiles = graphs_compiled() - graphs_before
     step_s = statistics.median(times)
     tokens_per_s = cfg.data.batch_tokens / step_s
-    peak = peak_flops(rt.device)
-    flops = trainer.model.flops_per_token(cfg.data.seq_len)
+    utilisation = mfu(trainer.model.flops_per_token(cfg.data.seq_len), tokens_per_s, peak_flops(rt.device),
+                      rt.world_size)
     return {
         "preset": preset, "device": device_description(rt.device), "world_size": rt.world_size,
         "torch": torch.__version__, "compile": cfg.train.compile, "steps": steps,
         "step_ms": round(step_s * 1000, 2), "step_ms_min": round(min(times) * 1000, 2),
         "tokens_per_step": cfg.data.batch_tokens, "tokens_per_s": round(tokens_per_s, 1),
-        "mfu": round(flops * tokens_per_s / (peak * rt.world_size), 4) if peak else None,
+        "mfu": round(utilisation, 4) if utilisation is not None else None,
         "peak_memory_mib": round(_peak_memory_mib(rt.device), 1),
         # Warm-up time less what the same number of steady steps take: the one-off compile cost.
         "compile_s": round(max(warm_s - warmup * step_s, 0.0), 2),

@@ -28,7 +28,7 @@ from speedrun.distributed import (GradientAverager, Runtime, all_reduce_sum, bac
 from speedrun.errors import DataError, SpeedrunError, UsageError, first_line
 from speedrun.model import GPT, fp8_supported
 from speedrun.optim import apply_schedule, build_optimizers, lr_multiplier
-from speedrun.runlog import RunLog, device_description, peak_flops
+from speedrun.runlog import RunLog, device_description, mfu, peak_flops
 
 
 class TrainingDiverged(SpeedrunError):
@@ -324,8 +324,9 @@ class StepLog:
                   "train_loss": loss, "lr": lr_multiplier(step - 1, self.steps, self.trainer.cfg.optim)}
         tokens_per_s = step * self.tokens_per_step / (now_ms / 1000) if now_ms > 0 else 0.0
         record["tokens_per_s"] = round(tokens_per_s, 1)
-        if self.peak is not None:
-            record["mfu"] = round(self.flops * tokens_per_s / (self.peak * self.trainer.rt.world_size), 4)
+        utilisation = mfu(self.flops, tokens_per_s, self.peak, self.trainer.rt.world_size)
+        if utilisation is not None:
+            record["mfu"] = round(utilisation, 4)
         self.log.metrics(record)
         self.log.line(f"step:{step}/{self.steps} train_time:{now_ms:.0f}ms step_avg:{now_ms / step:.2f}ms")
 
