@@ -26,6 +26,7 @@ from speedrun.data.loader import TrainLoader, find_shards, val_batches, val_fing
 from speedrun.distributed import (GradientAverager, Runtime, all_reduce_sum, backend_name, barrier, broadcast_parameters,
                                   setup, teardown)
 from speedrun.errors import DataError, SpeedrunError, UsageError, first_line
+from speedrun.evaluate import loss_sums
 from speedrun.model import GPT, fp8_supported
 from speedrun.optim import apply_schedule, build_optimizers, lr_multiplier
 from speedrun.runlog import RunLog, device_description, mfu, peak_flops
@@ -204,18 +205,13 @@ class Trainer:
         self.model.zero_grad(set_to_none=True)
         return total / self.accum
 
-    @torch.no_grad()
     def validate(self, step: int) -> float:
+        """The mean loss per token over the whole val set, every rank scoring its share of it."""
         self.model.eval()
         window = self._window(step)
-        sums = torch.zeros(2, device=self.device, dtype=torch.float64)
-        for inputs, targets in val_batches(self.val_files, val_tokens=self.cfg.data.val_tokens,
-                                           seq_len=self.cfg.data.val_seq_len, rank=self.rt.rank,
-                                           world_size=self.rt.world_size, device=self.device):
-            loss = self.forward(inputs, targets, window_tokens=window)
-            sums[0] += loss.double() * targets.numel()
-            sums[1] += targets.numel()
-        all_reduce_sum(sums)
+        batches = val_batches(self.val_files, val_tokens=self.cfg.data.val_tokens, seq_len=self.cfg.data.val_seq_len,
+                              rank=self.rt.rank, world_size=self.rt.world_size, device=self.device)
+        sums = all_reduce_sum(loss_sums(self.forward, batches, window, self.device))
         self.model.train()
         return (sums[0] / sums[1]).item()
 
