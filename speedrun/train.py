@@ -11,6 +11,7 @@ import os
 import resource
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,6 +136,69 @@ def execution_path(trainer: "Trainer") -> dict:
     return path
 
 
+class Stopwatch:
+    """Milliseconds of device work, counting only the spans between `start()` and a pause: the
+    optimizer steps of a run, not its validations or checkpoints. A step's end is marked without
+    waiting for the device (on CUDA an event recorded in the stream, elsewhere the host clock), so
+    the host keeps queueing work; the device is synchronised only where time is read: `laps()`,
+    `stop()` and so `paused()`, and `start()`, so that a span begins with an idle device."""
+
+    def __init__(self, device: torch.device, elapsed_ms: float = 0.0):
+        self.device, self.cuda = device, device.type == "cuda"
+        self.total_ms = elapsed_ms  # of the spans already closed
+        self._started = None
+        self._marks: list[tuple[int, object]] = []
+        self._laps: list[tuple[int, float]] = []
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _ms_between(self, start, end) -> float:
+        return start.elapsed_time(end) if self.cuda else 1000 * (end - start)
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self._started = self._now()
+
+    def mark(self, step: int) -> None:
+        self._marks.append((step, self._now()))
+
+    def laps(self) -> list[tuple[int, float]]:
+        """(step, total ms at its end) for every step marked since the last call, in order."""
+        if self.cuda and self._marks:
+            self._marks[-1][1].synchronize()
+        self._settle()
+        laps, self._laps = self._laps, []
+        return laps
+
+    def stop(self) -> float:
+        """Close the running span and return the total."""
+        end = self._now()
+        if self.cuda:
+            end.synchronize()
+        self._settle()
+        self.total_ms += self._ms_between(self._started, end)
+        return self.total_ms
+
+    @contextmanager
+    def paused(self):
+        """A block left out of the total, such as a validation; `total_ms` is the total before it."""
+        self.stop()
+        yield
+        self.start()
+
+    def _settle(self) -> None:
+        # The marks' times are measured from their span's start, so they are turned into totals
+        # before the span closes; the device has passed the last of them (the callers synchronise).
+        self._laps += [(step, self.total_ms + self._ms_between(self._started, mark)) for step, mark in self._marks]
+        self._marks.clear()
+
+
 class Trainer:
     def __init__(self, cfg: Config, rt: Runtime, label: str = ""):
         self.cfg, self.rt, self.label = cfg, rt, label
@@ -181,10 +245,6 @@ class Trainer:
             self._windows[tokens] = host.to(self.device, non_blocking=True)
         return self._windows[tokens]
 
-    def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     # -- one optimizer step ---------------------------------------------------------------------
     def train_step(self, step: int) -> torch.Tensor:
         """One optimizer step; returns this rank's mean loss as a device tensor, so that nothing
@@ -222,63 +282,16 @@ class Trainer:
             return 0.0
         snapshot = (copy.deepcopy(self.model.state_dict()), [copy.deepcopy(o.state_dict()) for o in self.optimizers],
                     self.loader.state_dict())
-        t0 = time.perf_counter()
+        watch = Stopwatch(self.device)
+        watch.start()
         for i in range(steps):
             self.train_step(self.step + i)
-        self.synchronize()
-        seconds = time.perf_counter() - t0
+        seconds = watch.stop() / 1000
         self.model.load_state_dict(snapshot[0])
         for opt, state in zip(self.optimizers, snapshot[1]):
             opt.load_state_dict(state)
         self.loader.load_state_dict(snapshot[2])
         return seconds
-
-
-class TrainClock:
-    """Milliseconds of training, counting optimizer steps only. A step's end is marked without
-    waiting for the device (on CUDA an event recorded in the stream, elsewhere the host clock);
-    the device is synchronised only where time is read: `read()` at a flush, `pause()` before
-    validation or a checkpoint."""
-
-    def __init__(self, device: torch.device, elapsed_ms: float):
-        self.cuda = device.type == "cuda"
-        self.device = device
-        self.banked_ms = elapsed_ms  # time of the spans already closed
-        self.marks: list[tuple[int, object]] = []
-
-    def _now(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def _ms_between(self, start, end) -> float:
-        return start.elapsed_time(end) if self.cuda else 1000 * (end - start)
-
-    def start(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)  # the span starts with an idle device
-        self.started = self._now()
-
-    def mark(self, step: int) -> None:
-        self.marks.append((step, self._now()))
-
-    def read(self) -> list[tuple[int, float]]:
-        """(step, training ms at its end) for every step marked since the last read."""
-        if self.cuda and self.marks:
-            self.marks[-1][1].synchronize()
-        times = [(step, self.banked_ms + self._ms_between(self.started, mark)) for step, mark in self.marks]
-        self.marks.clear()
-        return times
-
-    def pause(self) -> float:
-        """Close the running span (after reading its marks) and return the total so far."""
-        end = self._now()
-        if self.cuda:
-            end.synchronize()
-        self.banked_ms += self._ms_between(self.started, end)
-        return self.banked_ms
 
 
 class StepLog:
@@ -292,26 +305,25 @@ class StepLog:
         self.steps, self.tokens_per_step = cfg.train.steps, cfg.data.batch_tokens
         self.flops = trainer.model.flops_per_token(cfg.data.seq_len)
         self.peak = peak_flops(trainer.device)
-        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.pending: list[torch.Tensor] = []
 
-    def add(self, step: int, loss: torch.Tensor) -> None:
-        self.pending.append((step, loss))
+    def add(self, loss: torch.Tensor) -> None:
+        self.pending.append(loss)
         if self.progress is not None:
             self.progress.update(1)
 
-    def flush(self, clock: TrainClock) -> None:
-        times = dict(clock.read())
+    def flush(self, laps: list[tuple[int, float]]) -> None:
+        """Write the steps added since the last flush, given their (step, train time) from `Stopwatch.laps`."""
         if not self.pending:
             return
-        steps = [s for s, _ in self.pending]
-        local = torch.stack([loss for _, loss in self.pending]).float()
+        local = torch.stack(self.pending).float()
         losses = (all_reduce_sum(local) / self.trainer.rt.world_size).tolist()
         self.pending.clear()
-        for step, loss in zip(steps, losses):
+        for (step, now_ms), loss in zip(laps, losses, strict=True):
             if not math.isfinite(loss):
                 raise TrainingDiverged(f"training loss became {loss} at step {step}; the last good checkpoint (if any) "
                                        f"is kept in {self.run_dir / 'checkpoints'}")
-            self._write(step, loss, times.get(step, clock.banked_ms))
+            self._write(step, loss, now_ms)
         if self.progress is not None:
             self.progress.set_postfix(loss=f"{losses[-1]:.3f}")
 
@@ -471,28 +483,28 @@ def _train(trainer: Trainer, log: RunLog, run_dir: Path) -> tuple[float, float]:
         from tqdm import tqdm
         progress = tqdm(total=steps, initial=trainer.step, unit="step", dynamic_ncols=True)
     step_log = StepLog(trainer, log, run_dir, progress)
-    clock = TrainClock(trainer.device, trainer.train_time_ms)
+    watch = Stopwatch(trainer.device, trainer.train_time_ms)
     val_loss = float("nan")
     first = trainer.step
-    clock.start()
+    watch.start()
     for step in range(first, steps + 1):
         validating = step == steps or (t.val_every > 0 and step % t.val_every == 0)
         saving = t.save_every > 0 and step % t.save_every == 0 and first < step < steps  # the end always saves
         if validating or saving or step % t.log_every == 0:
-            step_log.flush(clock)
+            step_log.flush(watch.laps())
         if validating or saving:
-            trainer.train_time_ms = clock.pause()
-            if saving:
-                checkpoint.save(run_dir, trainer.model, trainer.optimizers, trainer.state(), cfg, rt, keep=t.keep)
-            if validating:
-                val_loss = trainer.validate(step)
-                step_log.validation(step, val_loss, trainer.train_time_ms)
-            clock.start()
+            with watch.paused():
+                trainer.train_time_ms = watch.total_ms
+                if saving:
+                    checkpoint.save(run_dir, trainer.model, trainer.optimizers, trainer.state(), cfg, rt, keep=t.keep)
+                if validating:
+                    val_loss = trainer.validate(step)
+                    step_log.validation(step, val_loss, trainer.train_time_ms)
         if step == steps:
             break
-        step_log.add(step + 1, trainer.train_step(step))
+        step_log.add(trainer.train_step(step))
         trainer.step = step + 1
-        clock.mark(step + 1)
+        watch.mark(step + 1)
     if progress is not None:
         progress.close()
     return val_loss, warm
