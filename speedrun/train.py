@@ -1,5 +1,7 @@
-"""`speedrun train`: the training loop. Timing counts optimizer steps only: compile warm-up runs on
-untimed steps whose effects are then undone, and validation pauses the clock."""
+"""`speedrun train`: the training loop. `run` reads top to bottom: the run directory, the trainer
+(`resume`d from a checkpoint if asked), the log, the warm-up, `fit` (the step loop), the summary.
+Timing counts optimizer steps only (`Stopwatch`): compile warm-up runs on untimed steps whose
+effects are then undone, and validations and checkpoints are paused out of the clock."""
 
 from __future__ import annotations
 
@@ -236,6 +238,10 @@ class Trainer:
         self.train_time_ms = state["train_time_ms"]
         self.loader.load_state_dict(state["loader"])
 
+    def save(self, run_dir: Path) -> None:
+        """A checkpoint of this step in `run_dir`, keeping the newest `train.keep`."""
+        checkpoint.save(run_dir, self.model, self.optimizers, self.state(), self.cfg, self.rt, keep=self.cfg.train.keep)
+
     def _window(self, step: int) -> torch.Tensor:
         """The window as a device tensor, not an int, so a compiled model does not recompile as it
         grows; one tensor per value, copied once from pinned memory without blocking the host."""
@@ -295,13 +301,17 @@ class Trainer:
 
 
 class StepLog:
-    """The per-step records of a run: losses stay on the device until `flush()`, which fetches them
-    all at once (averaged across ranks in one all-reduce), checks them, and writes a metrics.jsonl
-    record and a log.txt line per step."""
+    """The per-step records of a run, and its progress bar when stderr is a terminal: losses stay on
+    the device until `flush()`, which fetches them all at once (averaged across ranks in one
+    all-reduce), checks them, and writes a metrics.jsonl record and a log.txt line per step."""
 
-    def __init__(self, trainer: Trainer, log: RunLog, run_dir: Path, progress):
-        self.trainer, self.log, self.run_dir, self.progress = trainer, log, run_dir, progress
+    def __init__(self, trainer: Trainer, log: RunLog, run_dir: Path):
+        self.trainer, self.log, self.run_dir = trainer, log, run_dir
         cfg = trainer.cfg
+        self.progress = None
+        if trainer.rt.is_main and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.progress = tqdm(total=cfg.train.steps, initial=trainer.step, unit="step", dynamic_ncols=True)
         self.steps, self.tokens_per_step = cfg.train.steps, cfg.data.batch_tokens
         self.flops = trainer.model.flops_per_token(cfg.data.seq_len)
         self.peak = peak_flops(trainer.device)
@@ -346,6 +356,10 @@ class StepLog:
                           "val_loss": val_loss})
         if self.progress is not None:
             self.progress.set_postfix(val_loss=f"{val_loss:.4f}")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
 
 
 def _peak_memory_mib(device: torch.device) -> float:
@@ -404,35 +418,48 @@ def resumed_config(saved: Config, asked: Config, keys: set[str]) -> tuple[Config
 def run(cfg: Config, options: RunOptions) -> dict:
     rt = setup(cfg.train.device)
     try:
-        return _run(cfg, rt, options)
+        run_dir = _run_dir(options.out, options.resume, options.overwrite, rt)
+        trainer, resumed = resume(cfg, rt, run_dir, options)
+        log = _open_log(trainer, run_dir, options, resumed)
+        try:
+            warm = _warm_up(trainer, log)
+            val_loss = fit(trainer, log, run_dir)
+        except BaseException as error:
+            _record_stop(trainer, log, run_dir, error)
+            raise
+        return _finish(trainer, log, run_dir, val_loss, warm)
     finally:
         teardown()
 
 
-def _resume(cfg: Config, run_dir: Path, options: RunOptions) -> tuple[Config, Path | None, list[str]]:
-    resume_from = checkpoint.find_resume(run_dir, options.resume) if options.resume else None
-    if resume_from is None:
-        return cfg, None, []
-    step = checkpoint.read_state(resume_from)["step"]
-    saved = checkpoint.read_config(resume_from)
-    cfg, notes = resumed_config(saved, cfg, options.asked)
-    if cfg.train.steps < step:
-        raise UsageError(f"--steps {cfg.train.steps}: the checkpoint {resume_from} is already at step {step}")
-    return cfg, resume_from, notes
-
-
-def _start(cfg: Config, rt: Runtime, run_dir: Path, options: RunOptions) -> tuple[Config, Trainer, RunLog]:
-    """The trainer (resumed if asked) and the run's log, with its header written."""
-    cfg, resume_from, notes = _resume(cfg, run_dir, options)
+def resume(cfg: Config, rt: Runtime, run_dir: Path, options: RunOptions) -> tuple[Trainer, list[str]]:
+    """The trainer: a fresh one, or with --resume one continued from the checkpoint it names, under
+    that checkpoint's config with the asked changes RESUMABLE allows. Also what the log's header
+    says about it: the checkpoint and each change, nothing for a fresh start."""
+    found = checkpoint.find_resume(run_dir, options.resume) if options.resume else None
+    notes: list[str] = []
+    if found is not None:
+        step = checkpoint.read_state(found)["step"]
+        cfg, notes = resumed_config(checkpoint.read_config(found), cfg, options.asked)
+        if cfg.train.steps < step:
+            raise UsageError(f"--steps {cfg.train.steps}: the checkpoint {found} is already at step {step}")
     check_run_data(cfg)
     trainer = Trainer(cfg, rt, options.label)
-    if resume_from is not None:
-        saved = checkpoint.load(resume_from, trainer.model, trainer.optimizers, rt)
-        trainer.load_state(saved)
-        trainer.label = saved.get("label", options.label)
-        if rt.is_main:
-            checkpoint.truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
-    log = RunLog(run_dir if rt.is_main else None, append=resume_from is not None, tensorboard=options.tensorboard,
+    if found is None:
+        return trainer, []
+    saved = checkpoint.load(found, trainer.model, trainer.optimizers, rt)
+    trainer.load_state(saved)
+    trainer.label = saved.get("label", options.label)
+    if rt.is_main:
+        checkpoint.truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
+    return trainer, [f"resumed from {found} at step {trainer.step}", *(f"changed on resume: {n}" for n in notes)]
+
+
+def _open_log(trainer: Trainer, run_dir: Path, options: RunOptions, resumed: list[str]) -> RunLog:
+    """The run's log with its header written (continued after `resumed`'s lines, if any), and the
+    config the run goes on with as config.toml."""
+    cfg, rt = trainer.cfg, trainer.rt
+    log = RunLog(run_dir if rt.is_main else None, append=bool(resumed), tensorboard=options.tensorboard,
                  wandb=options.wandb, config=to_dict(cfg))
     if rt.is_main:
         (run_dir / "config.toml").write_text(to_toml(cfg))
@@ -442,10 +469,9 @@ def _start(cfg: Config, rt: Runtime, run_dir: Path, options: RunOptions) -> tupl
             f"parameters: {sum(p.numel() for p in trainer.model.parameters()):,}  grad_accum: {trainer.accum}  "
             f"tokens/step: {cfg.data.batch_tokens:,}",
             "path: " + "  ".join(f"{k}: {v}" for k, v in path.items() if k not in ("torch", "cuda", "device", "world_size")),
-            *([f"resumed from {resume_from} at step {trainer.step}"] if resume_from else []),
-            *[f"changed on resume: {note}" for note in notes],
+            *resumed,
         ])
-    return cfg, trainer, log
+    return log
 
 
 def _warm_up(trainer: Trainer, log: RunLog) -> float:
@@ -462,52 +488,33 @@ def _warm_up(trainer: Trainer, log: RunLog) -> float:
     return warm
 
 
-def _run(cfg: Config, rt: Runtime, options: RunOptions) -> dict:
-    run_dir = _run_dir(options.out, options.resume, options.overwrite, rt)
-    cfg, trainer, log = _start(cfg, rt, run_dir, options)
-    try:
-        val_loss, warm = _train(trainer, log, run_dir)
-    except BaseException as error:
-        _record_stop(trainer, log, run_dir, error)
-        raise
-    return _finish(trainer, log, run_dir, val_loss, warm)
-
-
-def _train(trainer: Trainer, log: RunLog, run_dir: Path) -> tuple[float, float]:
-    """The warm-up and the step loop; returns (final val loss, warm-up seconds)."""
-    cfg, rt = trainer.cfg, trainer.rt
-    warm = _warm_up(trainer, log)
-    steps, t = cfg.train.steps, cfg.train
-    progress = None
-    if rt.is_main and sys.stderr.isatty():
-        from tqdm import tqdm
-        progress = tqdm(total=steps, initial=trainer.step, unit="step", dynamic_ncols=True)
-    step_log = StepLog(trainer, log, run_dir, progress)
+def fit(trainer: Trainer, log: RunLog, run_dir: Path) -> float:
+    """The steps from `trainer.step` to the last, every step's record, and the validations and
+    checkpoints due on the way, which the train time leaves out; returns the last val loss."""
+    t = trainer.cfg.train
+    step_log = StepLog(trainer, log, run_dir)
     watch = Stopwatch(trainer.device, trainer.train_time_ms)
-    val_loss = float("nan")
-    first = trainer.step
+    first, val_loss = trainer.step, float("nan")
     watch.start()
-    for step in range(first, steps + 1):
-        validating = step == steps or (t.val_every > 0 and step % t.val_every == 0)
-        saving = t.save_every > 0 and step % t.save_every == 0 and first < step < steps  # the end always saves
+    for step in range(first, t.steps + 1):
+        validating = step == t.steps or (t.val_every > 0 and step % t.val_every == 0)
+        saving = t.save_every > 0 and step % t.save_every == 0 and first < step < t.steps  # the end always saves
         if validating or saving or step % t.log_every == 0:
             step_log.flush(watch.laps())
         if validating or saving:
             with watch.paused():
                 trainer.train_time_ms = watch.total_ms
                 if saving:
-                    checkpoint.save(run_dir, trainer.model, trainer.optimizers, trainer.state(), cfg, rt, keep=t.keep)
+                    trainer.save(run_dir)
                 if validating:
                     val_loss = trainer.validate(step)
                     step_log.validation(step, val_loss, trainer.train_time_ms)
-        if step == steps:
-            break
-        step_log.add(trainer.train_step(step))
-        trainer.step = step + 1
-        watch.mark(step + 1)
-    if progress is not None:
-        progress.close()
-    return val_loss, warm
+        if step < t.steps:
+            step_log.add(trainer.train_step(step))
+            trainer.step = step + 1
+            watch.mark(step + 1)
+    step_log.close()
+    return val_loss
 
 
 def _record_stop(trainer: Trainer, log: RunLog, run_dir: Path, error: BaseException) -> None:
@@ -526,7 +533,7 @@ def _record_stop(trainer: Trainer, log: RunLog, run_dir: Path, error: BaseExcept
 
 def _finish(trainer: Trainer, log: RunLog, run_dir: Path, val_loss: float, warm: float) -> dict:
     cfg, rt = trainer.cfg, trainer.rt
-    checkpoint.save(run_dir, trainer.model, trainer.optimizers, trainer.state(), cfg, rt, keep=cfg.train.keep)
+    trainer.save(run_dir)
     summary = {"config": trainer.label or "custom", "status": "finished", "final_val_loss": val_loss,
                "train_time_ms": round(trainer.train_time_ms, 3), "steps": cfg.train.steps,
                "tokens": cfg.train.steps * cfg.data.batch_tokens, "world_size": rt.world_size,
