@@ -1,6 +1,7 @@
 """`speedrun bench`: step time, tokens/s, MFU, peak memory and compile time of a preset on this
-device, measured after warm-up as medians over several steps; `--vs` measures a second preset in
-the same process for a side-by-side ratio. Each result also counts the graphs torch.compile compiled
+device, measured after warm-up as medians over several steps, each timed as `speedrun train` times
+it (`train.Stopwatch`: steps queued back to back, the device waited for only when the times are
+read); `--vs` measures a second preset in the same process for a side-by-side ratio. Each result also counts the graphs torch.compile compiled
 during the timed steps (`recompiles`): 0 in a healthy run, where warm-up compiled everything and
 nothing (a growing window, a new shape, an lr) makes Dynamo compile again."""
 
@@ -13,18 +14,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
 from speedrun.config import load_config
 from speedrun.errors import UsageError
 from speedrun.distributed import setup, teardown
-from speedrun.runlog import device_description, peak_flops
+from speedrun.runlog import device_description, mfu, peak_flops
 
 
 def measure(preset: str, overrides: list[str], steps: int, warmup: int, device: str, compile: bool | None) -> dict:
-    from speedrun.train import Trainer, _peak_memory_mib
+    from speedrun.train import Stopwatch, Trainer, _peak_memory_mib
 
     cfg = load_config(preset, None, overrides)
     cfg.train.device = device
@@ -36,24 +36,24 @@ def measure(preset: str, overrides: list[str], steps: int, warmup: int, device: 
     trainer = Trainer(cfg, rt, preset)
     warm_s = trainer.warm_up(warmup)
     graphs_before = graphs_compiled()
-    times = []
+    watch = Stopwatch(rt.device)
+    watch.start()
     for step in range(steps):
-        trainer.synchronize()
-        t0 = time.perf_counter()
         trainer.train_step(step)
-        trainer.synchronize()
-        times.append(time.perf_counter() - t0)
+        watch.mark(step)
+    ends = [ms / 1000 for _, ms in watch.laps()]
+    times = [end - begin for begin, end in zip([0.0, *ends], ends)]
     recompiles = graphs_compiled() - graphs_before
     step_s = statistics.median(times)
     tokens_per_s = cfg.data.batch_tokens / step_s
-    peak = peak_flops(rt.device)
-    flops = trainer.model.flops_per_token(cfg.data.seq_len)
+    utilisation = mfu(trainer.model.flops_per_token(cfg.data.seq_len), tokens_per_s, peak_flops(rt.device),
+                      rt.world_size)
     return {
         "preset": preset, "device": device_description(rt.device), "world_size": rt.world_size,
         "torch": torch.__version__, "compile": cfg.train.compile, "steps": steps,
         "step_ms": round(step_s * 1000, 2), "step_ms_min": round(min(times) * 1000, 2),
         "tokens_per_step": cfg.data.batch_tokens, "tokens_per_s": round(tokens_per_s, 1),
-        "mfu": round(flops * tokens_per_s / (peak * rt.world_size), 4) if peak else None,
+        "mfu": round(utilisation, 4) if utilisation is not None else None,
         "peak_memory_mib": round(_peak_memory_mib(rt.device), 1),
         # Warm-up time less what the same number of steady steps take: the one-off compile cost.
         "compile_s": round(max(warm_s - warmup * step_s, 0.0), 2),

@@ -156,6 +156,19 @@ def token_bytes() -> torch.Tensor:
 
 
 @torch.no_grad()
+def loss_sums(forward, batches, window, device: torch.device) -> torch.Tensor:
+    """The loss summed over every target token of `batches` (each batch's mean loss times its
+    token count), and the token count, as one float64 tensor on `device`. Sums rather than a mean,
+    so that ranks' shares add up in one all-reduce; nothing here waits for the device."""
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for inputs, targets in batches:
+        loss = forward(inputs, targets, window_tokens=window)
+        sums[0] += loss.double() * targets.numel()
+        sums[1] += targets.numel()
+    return sums
+
+
+@torch.no_grad()
 def shard_loss(path: str, data: str, tokens: int | None = None, seq_len: int | None = None, pattern: str | None = None,
                device: str = "auto") -> dict:
     """Mean cross-entropy and bits per byte over the first `tokens` tokens of the shards in `data`
@@ -180,16 +193,19 @@ def shard_loss(path: str, data: str, tokens: int | None = None, seq_len: int | N
     forward = prepare(model, cfg, device, "eval")
     window = final_window(cfg)
     byte_counts = token_bytes().to(device)
-    nats = torch.zeros((), dtype=torch.float64, device=device)
-    count = n_bytes = 0
-    for inputs, targets in val_batches(files, val_tokens=tokens, seq_len=seq_len, device=device):
-        loss = forward(inputs, targets, window_tokens=window)
-        nats += loss.double() * targets.numel()
-        count += targets.numel()
-        n_bytes += int(byte_counts[targets].sum())
-    nats = nats.item()
-    return {"loss": nats / count, "bits_per_byte": nats / math.log(2) / n_bytes, "tokens": count, "bytes": n_bytes,
-            "shards": [str(f) for f in files]}
+    n_bytes = torch.zeros((), dtype=torch.long, device=device)
+
+    # tallied as the batches go by, on the device: the shards are read once and nothing waits
+    def counting_bytes(batches):
+        for inputs, targets in batches:
+            n_bytes.add_(byte_counts[targets].sum())
+            yield inputs, targets
+
+    batches = counting_bytes(val_batches(files, val_tokens=tokens, seq_len=seq_len, device=device))
+    nats, count = loss_sums(forward, batches, window, device).tolist()
+    n_bytes = int(n_bytes)
+    return {"loss": nats / count, "bits_per_byte": nats / math.log(2) / n_bytes, "tokens": int(count),
+            "bytes": n_bytes, "shards": [str(f) for f in files]}
 
 
 def register(sub) -> None:

@@ -28,6 +28,12 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None, world_size: int) -> float | None:
+    """Model FLOPs utilisation: the model's FLOP/s at this throughput over the peak of every device
+    (`peak_flops` of one; None where it is unknown, and then so is the MFU)."""
+    return None if peak is None else flops_per_token * tokens_per_s / (peak * world_size)
+
+
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)

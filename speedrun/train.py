@@ -1,5 +1,7 @@
-"""`speedrun train`: the training loop. Timing counts optimizer steps only: compile warm-up runs on
-untimed steps whose effects are then undone, and validation pauses the clock."""
+"""`speedrun train`: the training loop. `run` reads top to bottom: the run directory, the trainer
+(`resume`d from a checkpoint if asked), the log, the warm-up, `fit` (the step loop), the summary.
+Timing counts optimizer steps only (`Stopwatch`): compile warm-up runs on untimed steps whose
+effects are then undone, and validations and checkpoints are paused out of the clock."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import math
 import resource
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,10 +28,11 @@ from speedrun.data.loader import TrainLoader, find_shards, val_batches, val_fing
 from speedrun.distributed import (GradientAverager, Runtime, all_reduce_sum, backend_name, barrier, broadcast_parameters,
                                   setup, teardown)
 from speedrun.errors import DataError, SpeedrunError, UsageError, first_line
+from speedrun.evaluate import loss_sums
 from speedrun.model import GPT
 from speedrun.prepare import fp8_supported, prepare
 from speedrun.optim import apply_schedule, build_optimizers, lr_multiplier
-from speedrun.runlog import RunLog, device_description, peak_flops
+from speedrun.runlog import RunLog, device_description, mfu, peak_flops
 
 
 class TrainingDiverged(SpeedrunError):
@@ -128,6 +132,69 @@ def execution_path(trainer: "Trainer") -> dict:
     return path
 
 
+class Stopwatch:
+    """Milliseconds of device work, counting only the spans between `start()` and a pause: the
+    optimizer steps of a run, not its validations or checkpoints. A step's end is marked without
+    waiting for the device (on CUDA an event recorded in the stream, elsewhere the host clock), so
+    the host keeps queueing work; the device is synchronised only where time is read: `laps()`,
+    `stop()` and so `paused()`, and `start()`, so that a span begins with an idle device."""
+
+    def __init__(self, device: torch.device, elapsed_ms: float = 0.0):
+        self.device, self.cuda = device, device.type == "cuda"
+        self.total_ms = elapsed_ms  # of the spans already closed
+        self._started = None
+        self._marks: list[tuple[int, object]] = []
+        self._laps: list[tuple[int, float]] = []
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _ms_between(self, start, end) -> float:
+        return start.elapsed_time(end) if self.cuda else 1000 * (end - start)
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self._started = self._now()
+
+    def mark(self, step: int) -> None:
+        self._marks.append((step, self._now()))
+
+    def laps(self) -> list[tuple[int, float]]:
+        """(step, total ms at its end) for every step marked since the last call, in order."""
+        if self.cuda and self._marks:
+            self._marks[-1][1].synchronize()
+        self._settle()
+        laps, self._laps = self._laps, []
+        return laps
+
+    def stop(self) -> float:
+        """Close the running span and return the total."""
+        end = self._now()
+        if self.cuda:
+            end.synchronize()
+        self._settle()
+        self.total_ms += self._ms_between(self._started, end)
+        return self.total_ms
+
+    @contextmanager
+    def paused(self):
+        """A block left out of the total, such as a validation; `total_ms` is the total before it."""
+        self.stop()
+        yield
+        self.start()
+
+    def _settle(self) -> None:
+        # The marks' times are measured from their span's start, so they are turned into totals
+        # before the span closes; the device has passed the last of them (the callers synchronise).
+        self._laps += [(step, self.total_ms + self._ms_between(self._started, mark)) for step, mark in self._marks]
+        self._marks.clear()
+
+
 class Trainer:
     def __init__(self, cfg: Config, rt: Runtime, label: str = ""):
         self.cfg, self.rt, self.label = cfg, rt, label
@@ -163,6 +230,10 @@ class Trainer:
         self.train_time_ms = state["train_time_ms"]
         self.loader.load_state_dict(state["loader"])
 
+    def save(self, run_dir: Path) -> None:
+        """A checkpoint of this step in `run_dir`, keeping the newest `train.keep`."""
+        checkpoint.save(run_dir, self.model, self.optimizers, self.state(), self.cfg, self.rt, keep=self.cfg.train.keep)
+
     def _window(self, step: int) -> torch.Tensor:
         """The window as a device tensor, not an int, so a compiled model does not recompile as it
         grows; one tensor per value, copied once from pinned memory without blocking the host."""
@@ -171,10 +242,6 @@ class Trainer:
             host = torch.tensor(tokens, dtype=torch.int32, pin_memory=self.device.type == "cuda")
             self._windows[tokens] = host.to(self.device, non_blocking=True)
         return self._windows[tokens]
-
-    def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     # -- one optimizer step ---------------------------------------------------------------------
     def train_step(self, step: int) -> torch.Tensor:
@@ -196,18 +263,13 @@ class Trainer:
         self.model.zero_grad(set_to_none=True)
         return total / self.accum
 
-    @torch.no_grad()
     def validate(self, step: int) -> float:
+        """The mean loss per token over the whole val set, every rank scoring its share of it."""
         self.model.eval()
         window = self._window(step)
-        sums = torch.zeros(2, device=self.device, dtype=torch.float64)
-        for inputs, targets in val_batches(self.val_files, val_tokens=self.cfg.data.val_tokens,
-                                           seq_len=self.cfg.data.val_seq_len, rank=self.rt.rank,
-                                           world_size=self.rt.world_size, device=self.device):
-            loss = self.forward(inputs, targets, window_tokens=window)
-            sums[0] += loss.double() * targets.numel()
-            sums[1] += targets.numel()
-        all_reduce_sum(sums)
+        batches = val_batches(self.val_files, val_tokens=self.cfg.data.val_tokens, seq_len=self.cfg.data.val_seq_len,
+                              rank=self.rt.rank, world_size=self.rt.world_size, device=self.device)
+        sums = all_reduce_sum(loss_sums(self.forward, batches, window, self.device))
         self.model.train()
         return (sums[0] / sums[1]).item()
 
@@ -218,11 +280,11 @@ class Trainer:
             return 0.0
         snapshot = (copy.deepcopy(self.model.state_dict()), [copy.deepcopy(o.state_dict()) for o in self.optimizers],
                     self.loader.state_dict())
-        t0 = time.perf_counter()
+        watch = Stopwatch(self.device)
+        watch.start()
         for i in range(steps):
             self.train_step(self.step + i)
-        self.synchronize()
-        seconds = time.perf_counter() - t0
+        seconds = watch.stop() / 1000
         self.model.load_state_dict(snapshot[0])
         for opt, state in zip(self.optimizers, snapshot[1]):
             opt.load_state_dict(state)
@@ -230,84 +292,40 @@ class Trainer:
         return seconds
 
 
-class TrainClock:
-    """Milliseconds of training, counting optimizer steps only. A step's end is marked without
-    waiting for the device (on CUDA an event recorded in the stream, elsewhere the host clock);
-    the device is synchronised only where time is read: `read()` at a flush, `pause()` before
-    validation or a checkpoint."""
-
-    def __init__(self, device: torch.device, elapsed_ms: float):
-        self.cuda = device.type == "cuda"
-        self.device = device
-        self.banked_ms = elapsed_ms  # time of the spans already closed
-        self.marks: list[tuple[int, object]] = []
-
-    def _now(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def _ms_between(self, start, end) -> float:
-        return start.elapsed_time(end) if self.cuda else 1000 * (end - start)
-
-    def start(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)  # the span starts with an idle device
-        self.started = self._now()
-
-    def mark(self, step: int) -> None:
-        self.marks.append((step, self._now()))
-
-    def read(self) -> list[tuple[int, float]]:
-        """(step, training ms at its end) for every step marked since the last read."""
-        if self.cuda and self.marks:
-            self.marks[-1][1].synchronize()
-        times = [(step, self.banked_ms + self._ms_between(self.started, mark)) for step, mark in self.marks]
-        self.marks.clear()
-        return times
-
-    def pause(self) -> float:
-        """Close the running span (after reading its marks) and return the total so far."""
-        end = self._now()
-        if self.cuda:
-            end.synchronize()
-        self.banked_ms += self._ms_between(self.started, end)
-        return self.banked_ms
-
-
 class StepLog:
-    """The per-step records of a run: losses stay on the device until `flush()`, which fetches them
-    all at once (averaged across ranks in one all-reduce), checks them, and writes a metrics.jsonl
-    record and a log.txt line per step."""
+    """The per-step records of a run, and its progress bar when stderr is a terminal: losses stay on
+    the device until `flush()`, which fetches them all at once (averaged across ranks in one
+    all-reduce), checks them, and writes a metrics.jsonl record and a log.txt line per step."""
 
-    def __init__(self, trainer: Trainer, log: RunLog, run_dir: Path, progress):
-        self.trainer, self.log, self.run_dir, self.progress = trainer, log, run_dir, progress
+    def __init__(self, trainer: Trainer, log: RunLog, run_dir: Path):
+        self.trainer, self.log, self.run_dir = trainer, log, run_dir
         cfg = trainer.cfg
+        self.progress = None
+        if trainer.rt.is_main and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.progress = tqdm(total=cfg.train.steps, initial=trainer.step, unit="step", dynamic_ncols=True)
         self.steps, self.tokens_per_step = cfg.train.steps, cfg.data.batch_tokens
         self.flops = trainer.model.flops_per_token(cfg.data.seq_len)
         self.peak = peak_flops(trainer.device)
-        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.pending: list[torch.Tensor] = []
 
-    def add(self, step: int, loss: torch.Tensor) -> None:
-        self.pending.append((step, loss))
+    def add(self, loss: torch.Tensor) -> None:
+        self.pending.append(loss)
         if self.progress is not None:
             self.progress.update(1)
 
-    def flush(self, clock: TrainClock) -> None:
-        times = dict(clock.read())
+    def flush(self, laps: list[tuple[int, float]]) -> None:
+        """Write the steps added since the last flush, given their (step, train time) from `Stopwatch.laps`."""
         if not self.pending:
             return
-        steps = [s for s, _ in self.pending]
-        local = torch.stack([loss for _, loss in self.pending]).float()
+        local = torch.stack(self.pending).float()
         losses = (all_reduce_sum(local) / self.trainer.rt.world_size).tolist()
         self.pending.clear()
-        for step, loss in zip(steps, losses):
+        for (step, now_ms), loss in zip(laps, losses, strict=True):
             if not math.isfinite(loss):
                 raise TrainingDiverged(f"training loss became {loss} at step {step}; the last good checkpoint (if any) "
                                        f"is kept in {self.run_dir / 'checkpoints'}")
-            self._write(step, loss, times.get(step, clock.banked_ms))
+            self._write(step, loss, now_ms)
         if self.progress is not None:
             self.progress.set_postfix(loss=f"{losses[-1]:.3f}")
 
@@ -316,8 +334,9 @@ class StepLog:
                   "train_loss": loss, "lr": lr_multiplier(step - 1, self.steps, self.trainer.cfg.optim)}
         tokens_per_s = step * self.tokens_per_step / (now_ms / 1000) if now_ms > 0 else 0.0
         record["tokens_per_s"] = round(tokens_per_s, 1)
-        if self.peak is not None:
-            record["mfu"] = round(self.flops * tokens_per_s / (self.peak * self.trainer.rt.world_size), 4)
+        utilisation = mfu(self.flops, tokens_per_s, self.peak, self.trainer.rt.world_size)
+        if utilisation is not None:
+            record["mfu"] = round(utilisation, 4)
         self.log.metrics(record)
         self.log.line(f"step:{step}/{self.steps} train_time:{now_ms:.0f}ms step_avg:{now_ms / step:.2f}ms")
 
@@ -329,6 +348,10 @@ class StepLog:
                           "val_loss": val_loss})
         if self.progress is not None:
             self.progress.set_postfix(val_loss=f"{val_loss:.4f}")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
 
 
 def _peak_memory_mib(device: torch.device) -> float:
@@ -387,35 +410,48 @@ def resumed_config(saved: Config, asked: Config, keys: set[str]) -> tuple[Config
 def run(cfg: Config, options: RunOptions) -> dict:
     rt = setup(cfg.train.device)
     try:
-        return _run(cfg, rt, options)
+        run_dir = _run_dir(options.out, options.resume, options.overwrite, rt)
+        trainer, resumed = resume(cfg, rt, run_dir, options)
+        log = _open_log(trainer, run_dir, options, resumed)
+        try:
+            warm = _warm_up(trainer, log)
+            val_loss = fit(trainer, log, run_dir)
+        except BaseException as error:
+            _record_stop(trainer, log, run_dir, error)
+            raise
+        return _finish(trainer, log, run_dir, val_loss, warm)
     finally:
         teardown()
 
 
-def _resume(cfg: Config, run_dir: Path, options: RunOptions) -> tuple[Config, Path | None, list[str]]:
-    resume_from = checkpoint.find_resume(run_dir, options.resume) if options.resume else None
-    if resume_from is None:
-        return cfg, None, []
-    step = checkpoint.read_state(resume_from)["step"]
-    saved = checkpoint.read_config(resume_from)
-    cfg, notes = resumed_config(saved, cfg, options.asked)
-    if cfg.train.steps < step:
-        raise UsageError(f"--steps {cfg.train.steps}: the checkpoint {resume_from} is already at step {step}")
-    return cfg, resume_from, notes
-
-
-def _start(cfg: Config, rt: Runtime, run_dir: Path, options: RunOptions) -> tuple[Config, Trainer, RunLog]:
-    """The trainer (resumed if asked) and the run's log, with its header written."""
-    cfg, resume_from, notes = _resume(cfg, run_dir, options)
+def resume(cfg: Config, rt: Runtime, run_dir: Path, options: RunOptions) -> tuple[Trainer, list[str]]:
+    """The trainer: a fresh one, or with --resume one continued from the checkpoint it names, under
+    that checkpoint's config with the asked changes RESUMABLE allows. Also what the log's header
+    says about it: the checkpoint and each change, nothing for a fresh start."""
+    found = checkpoint.find_resume(run_dir, options.resume) if options.resume else None
+    notes: list[str] = []
+    if found is not None:
+        step = checkpoint.read_state(found)["step"]
+        cfg, notes = resumed_config(checkpoint.read_config(found), cfg, options.asked)
+        if cfg.train.steps < step:
+            raise UsageError(f"--steps {cfg.train.steps}: the checkpoint {found} is already at step {step}")
     check_run_data(cfg)
     trainer = Trainer(cfg, rt, options.label)
-    if resume_from is not None:
-        saved = checkpoint.load(resume_from, trainer.model, trainer.optimizers, rt)
-        trainer.load_state(saved)
-        trainer.label = saved.get("label", options.label)
-        if rt.is_main:
-            checkpoint.truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
-    log = RunLog(run_dir if rt.is_main else None, append=resume_from is not None, tensorboard=options.tensorboard,
+    if found is None:
+        return trainer, []
+    saved = checkpoint.load(found, trainer.model, trainer.optimizers, rt)
+    trainer.load_state(saved)
+    trainer.label = saved.get("label", options.label)
+    if rt.is_main:
+        checkpoint.truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
+    return trainer, [f"resumed from {found} at step {trainer.step}", *(f"changed on resume: {n}" for n in notes)]
+
+
+def _open_log(trainer: Trainer, run_dir: Path, options: RunOptions, resumed: list[str]) -> RunLog:
+    """The run's log with its header written (continued after `resumed`'s lines, if any), and the
+    config the run goes on with as config.toml."""
+    cfg, rt = trainer.cfg, trainer.rt
+    log = RunLog(run_dir if rt.is_main else None, append=bool(resumed), tensorboard=options.tensorboard,
                  wandb=options.wandb, config=to_dict(cfg))
     if rt.is_main:
         (run_dir / "config.toml").write_text(to_toml(cfg))
@@ -425,10 +461,9 @@ def _start(cfg: Config, rt: Runtime, run_dir: Path, options: RunOptions) -> tupl
             f"parameters: {sum(p.numel() for p in trainer.model.parameters()):,}  grad_accum: {trainer.accum}  "
             f"tokens/step: {cfg.data.batch_tokens:,}",
             "path: " + "  ".join(f"{k}: {v}" for k, v in path.items() if k not in ("torch", "cuda", "device", "world_size")),
-            *([f"resumed from {resume_from} at step {trainer.step}"] if resume_from else []),
-            *[f"changed on resume: {note}" for note in notes],
+            *resumed,
         ])
-    return cfg, trainer, log
+    return log
 
 
 def _warm_up(trainer: Trainer, log: RunLog) -> float:
@@ -445,52 +480,33 @@ def _warm_up(trainer: Trainer, log: RunLog) -> float:
     return warm
 
 
-def _run(cfg: Config, rt: Runtime, options: RunOptions) -> dict:
-    run_dir = _run_dir(options.out, options.resume, options.overwrite, rt)
-    cfg, trainer, log = _start(cfg, rt, run_dir, options)
-    try:
-        val_loss, warm = _train(trainer, log, run_dir)
-    except BaseException as error:
-        _record_stop(trainer, log, run_dir, error)
-        raise
-    return _finish(trainer, log, run_dir, val_loss, warm)
-
-
-def _train(trainer: Trainer, log: RunLog, run_dir: Path) -> tuple[float, float]:
-    """The warm-up and the step loop; returns (final val loss, warm-up seconds)."""
-    cfg, rt = trainer.cfg, trainer.rt
-    warm = _warm_up(trainer, log)
-    steps, t = cfg.train.steps, cfg.train
-    progress = None
-    if rt.is_main and sys.stderr.isatty():
-        from tqdm import tqdm
-        progress = tqdm(total=steps, initial=trainer.step, unit="step", dynamic_ncols=True)
-    step_log = StepLog(trainer, log, run_dir, progress)
-    clock = TrainClock(trainer.device, trainer.train_time_ms)
-    val_loss = float("nan")
-    first = trainer.step
-    clock.start()
-    for step in range(first, steps + 1):
-        validating = step == steps or (t.val_every > 0 and step % t.val_every == 0)
-        saving = t.save_every > 0 and step % t.save_every == 0 and first < step < steps  # the end always saves
+def fit(trainer: Trainer, log: RunLog, run_dir: Path) -> float:
+    """The steps from `trainer.step` to the last, every step's record, and the validations and
+    checkpoints due on the way, which the train time leaves out; returns the last val loss."""
+    t = trainer.cfg.train
+    step_log = StepLog(trainer, log, run_dir)
+    watch = Stopwatch(trainer.device, trainer.train_time_ms)
+    first, val_loss = trainer.step, float("nan")
+    watch.start()
+    for step in range(first, t.steps + 1):
+        validating = step == t.steps or (t.val_every > 0 and step % t.val_every == 0)
+        saving = t.save_every > 0 and step % t.save_every == 0 and first < step < t.steps  # the end always saves
         if validating or saving or step % t.log_every == 0:
-            step_log.flush(clock)
+            step_log.flush(watch.laps())
         if validating or saving:
-            trainer.train_time_ms = clock.pause()
-            if saving:
-                checkpoint.save(run_dir, trainer.model, trainer.optimizers, trainer.state(), cfg, rt, keep=t.keep)
-            if validating:
-                val_loss = trainer.validate(step)
-                step_log.validation(step, val_loss, trainer.train_time_ms)
-            clock.start()
-        if step == steps:
-            break
-        step_log.add(step + 1, trainer.train_step(step))
-        trainer.step = step + 1
-        clock.mark(step + 1)
-    if progress is not None:
-        progress.close()
-    return val_loss, warm
+            with watch.paused():
+                trainer.train_time_ms = watch.total_ms
+                if saving:
+                    trainer.save(run_dir)
+                if validating:
+                    val_loss = trainer.validate(step)
+                    step_log.validation(step, val_loss, trainer.train_time_ms)
+        if step < t.steps:
+            step_log.add(trainer.train_step(step))
+            trainer.step = step + 1
+            watch.mark(step + 1)
+    step_log.close()
+    return val_loss
 
 
 def _record_stop(trainer: Trainer, log: RunLog, run_dir: Path, error: BaseException) -> None:
@@ -509,7 +525,7 @@ def _record_stop(trainer: Trainer, log: RunLog, run_dir: Path, error: BaseExcept
 
 def _finish(trainer: Trainer, log: RunLog, run_dir: Path, val_loss: float, warm: float) -> dict:
     cfg, rt = trainer.cfg, trainer.rt
-    checkpoint.save(run_dir, trainer.model, trainer.optimizers, trainer.state(), cfg, rt, keep=cfg.train.keep)
+    trainer.save(run_dir)
     summary = {"config": trainer.label or "custom", "status": "finished", "final_val_loss": val_loss,
                "train_time_ms": round(trainer.train_time_ms, 3), "steps": cfg.train.steps,
                "tokens": cfg.train.steps * cfg.data.batch_tokens, "world_size": rt.world_size,
