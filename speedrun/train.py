@@ -179,14 +179,23 @@ class Stopwatch:
             end.synchronize()
         self._settle()
         self.total_ms += self._ms_between(self._started, end)
+        self._started = None
         return self.total_ms
+
+    @property
+    def running(self) -> bool:
+        return self._started is not None
 
     @contextmanager
     def paused(self):
-        """A block left out of the total, such as a validation; `total_ms` is the total before it."""
-        self.stop()
+        """A block left out of the total, such as a validation; `total_ms` is the total before it.
+        A stopwatch not yet started stays stopped."""
+        running = self.running
+        if running:
+            self.stop()
         yield
-        self.start()
+        if running:
+            self.start()
 
     def _settle(self) -> None:
         # The marks' times are measured from their span's start, so they are turned into totals
@@ -487,7 +496,6 @@ def fit(trainer: Trainer, log: RunLog, run_dir: Path) -> float:
     step_log = StepLog(trainer, log, run_dir)
     watch = Stopwatch(trainer.device, trainer.train_time_ms)
     first, val_loss = trainer.step, float("nan")
-    watch.start()
     for step in range(first, t.steps + 1):
         validating = step == t.steps or (t.val_every > 0 and step % t.val_every == 0)
         saving = t.save_every > 0 and step % t.save_every == 0 and first < step < t.steps  # the end always saves
@@ -502,6 +510,8 @@ def fit(trainer: Trainer, log: RunLog, run_dir: Path) -> float:
                     val_loss = trainer.validate(step)
                     step_log.validation(step, val_loss, trainer.train_time_ms)
         if step < t.steps:
+            if not watch.running:  # started at the first step, so the time before it is none
+                watch.start()
             step_log.add(trainer.train_step(step))
             trainer.step = step + 1
             watch.mark(step + 1)

@@ -41,6 +41,9 @@ def run_steps(watch, clock, steps, seconds):
 def test_paused_spans_are_not_counted_and_marks_read_back_as_running_totals(clock):
     watch = Stopwatch(torch.device("cpu"), elapsed_ms=500.0)  # resumed: 0.5 s of training before
     clock.advance(7.0)  # before the start: not counted
+    with watch.paused():  # a validation before the first step (step 0, or the resumed step)
+        clock.advance(3.0)
+    assert not watch.running and watch.total_ms == 500.0
     watch.start()
     run_steps(watch, clock, [1, 2, 3], [1.0, 2.0, 0.5])
     assert watch.laps() == [(1, 1500.0), (2, 3500.0), (3, 4000.0)]
