@@ -20,11 +20,11 @@ import torch
 from speedrun.config import load_config
 from speedrun.errors import UsageError
 from speedrun.distributed import setup, teardown
-from speedrun.runlog import device_description, mfu, peak_flops
+from speedrun.runlog import device_description, mfu, peak_flops, peak_memory_mib
 
 
 def measure(preset: str, overrides: list[str], steps: int, warmup: int, device: str, compile: bool | None) -> dict:
-    from speedrun.train import Stopwatch, Trainer, _peak_memory_mib
+    from speedrun.train import Stopwatch, Trainer
 
     cfg = load_config(preset, None, overrides)
     cfg.train.device = device
@@ -54,7 +54,7 @@ def measure(preset: str, overrides: list[str], steps: int, warmup: int, device: 
         "step_ms": round(step_s * 1000, 2), "step_ms_min": round(min(times) * 1000, 2),
         "tokens_per_step": cfg.data.batch_tokens, "tokens_per_s": round(tokens_per_s, 1),
         "mfu": round(utilisation, 4) if utilisation is not None else None,
-        "peak_memory_mib": round(_peak_memory_mib(rt.device), 1),
+        "peak_memory_mib": round(peak_memory_mib(rt.device), 1),
         # Warm-up time less what the same number of steady steps take: the one-off compile cost.
         "compile_s": round(max(warm_s - warmup * step_s, 0.0), 2),
         "recompiles": recompiles,

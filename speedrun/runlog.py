@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import platform
+import resource
 import sys
 from pathlib import Path
 
@@ -32,6 +33,13 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None, world_s
     """Model FLOPs utilisation: the model's FLOP/s at this throughput over the peak of every device
     (`peak_flops` of one; None where it is unknown, and then so is the MFU)."""
     return None if peak is None else flops_per_token * tokens_per_s / (peak * world_size)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this process: allocated on the GPU, or resident on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def device_description(device: torch.device) -> str:

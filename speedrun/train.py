@@ -9,7 +9,6 @@ import argparse
 import copy
 import json
 import math
-import resource
 import sys
 import time
 from contextlib import contextmanager
@@ -32,7 +31,7 @@ from speedrun.evaluate import loss_sums
 from speedrun.model import GPT
 from speedrun.prepare import fp8_supported, prepare
 from speedrun.optim import apply_schedule, build_optimizers, lr_multiplier
-from speedrun.runlog import RunLog, device_description, mfu, peak_flops
+from speedrun.runlog import RunLog, device_description, mfu, peak_flops, peak_memory_mib
 
 
 class TrainingDiverged(SpeedrunError):
@@ -363,12 +362,6 @@ class StepLog:
             self.progress.close()
 
 
-def _peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 @dataclass
 class RunOptions:
     """How `speedrun train` was asked to run, beyond the config itself."""
@@ -539,7 +532,7 @@ def _finish(trainer: Trainer, log: RunLog, run_dir: Path, val_loss: float, warm:
     summary = {"config": trainer.label or "custom", "status": "finished", "final_val_loss": val_loss,
                "train_time_ms": round(trainer.train_time_ms, 3), "steps": cfg.train.steps,
                "tokens": cfg.train.steps * cfg.data.batch_tokens, "world_size": rt.world_size,
-               "peak_memory_mib": round(_peak_memory_mib(rt.device), 1), "warmup_s": round(warm, 2),
+               "peak_memory_mib": round(peak_memory_mib(rt.device), 1), "warmup_s": round(warm, 2),
                "path": execution_path(trainer)}
     if rt.is_main:
         summary["val_set"] = val_fingerprint(trainer.val_files, val_tokens=cfg.data.val_tokens, seq_len=cfg.data.val_seq_len)
