@@ -9,7 +9,7 @@ tops out at 448 (past it torch 2.13 saturates; older versions may give NaN) and 
 inf past 57344, so gradients must stay below 57344 / grad_scale (0.11 with the default 2^19; a
 mean cross-entropy's are at most 1 / tokens), and below half of e5m2's smallest subnormal, 2^-17 /
 grad_scale, they flush to zero. ModelConfig's grad scale is for one sequence's mean loss;
-GPT.configure_for multiplies it by the sequences each backward's loss averages over (accumulation
+speedrun.prepare multiplies it by the sequences each backward's loss averages over (accumulation
 steps × micro-batch), so the gradients this op sees, that many times smaller, get the same FP8
 copy whatever the world size (bit for bit when that number is a power of two). `torch._scaled_mm`
 also runs on CPU (every dtype combination used here), which the tests rely on; CUDA needs compute
