@@ -12,6 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from speedrun.config import ConfigError, from_dict, to_dict
 from speedrun.errors import DataError, UsageError
 
 # Keys that change how a run is executed or logged but not what it computes; runs that differ only
@@ -27,7 +28,7 @@ DASH = "—"
 class Run:
     path: Path
     name: str
-    config: dict  # the raw TOML tables of config.toml
+    config: dict  # config.toml, resolved (config.to_dict)
     metrics: list[dict]
     summary: dict | None  # None while the run is still going (plot reads such runs)
     val: list[dict] = field(init=False)
@@ -98,17 +99,24 @@ def _read_metrics(path: Path, need_val: bool = True) -> list[dict]:
     return records
 
 
+def _read_config(path: Path) -> dict:
+    """The run's config resolved in the current version's keys, so that runs saved by older
+    versions compare with newer ones key for key."""
+    try:
+        table = tomllib.loads(_read_text(path))
+    except (ValueError, RecursionError) as e:  # TOMLDecodeError is a ValueError
+        raise DataError(f"{path}: not valid TOML ({str(e)[:200]})") from None
+    try:
+        return to_dict(from_dict(table, str(path)))
+    except ConfigError as e:
+        raise DataError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
+
+
 def load_run(path: str | Path, need_summary: bool = True) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"{path}: no such run directory")
-    try:
-        config = tomllib.loads(_read_text(path / "config.toml"))
-    except (ValueError, RecursionError) as e:  # TOMLDecodeError is a ValueError
-        raise DataError(f"{path / 'config.toml'}: not valid TOML ({str(e)[:200]})") from None
-    for section, table in config.items():
-        if section in ("model", "optim", "data", "train") and not isinstance(table, dict):
-            raise DataError(f"{path / 'config.toml'}: [{section}] is not a table")
+    config = _read_config(path / "config.toml")
     summary = None
     summary_path = path / "summary.json"
     if need_summary or summary_path.exists():
@@ -191,7 +199,7 @@ def _flatten(table: dict, prefix: str = "") -> dict:
 
 
 def config_difference(a: Run, b: Run) -> str | None:
-    """The first key (in file order) where two runs' configs differ, ignoring SETUP_ONLY_KEYS."""
+    """The first key (in config order) where two runs' configs differ, ignoring SETUP_ONLY_KEYS."""
     fa, fb = _flatten(a.config), _flatten(b.config)
     for key in list(fa) + [k for k in fb if k not in fa]:
         if key in SETUP_ONLY_KEYS:

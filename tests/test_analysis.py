@@ -179,3 +179,18 @@ def test_record_refuses_duplicated_evidence(tmp_path, monkeypatch, capsys):
     assert speedrun(monkeypatch, "record", a, b, "--target", "11") == 2
     err = capsys.readouterr().err.strip()
     assert "zero variance" in err and "\n" not in err
+
+
+def test_runs_saved_by_config_version_1_compare_with_newer_ones(tmp_path):
+    """A record may pool a run saved before config version 2 with one saved after: both configs are
+    read in the current keys. The old file spells the optimizer optim.muon / muon_lr and has no
+    version; the new one optim.hidden_optimizer / lr_hidden and version = 2."""
+    new, old = make_run(tmp_path / "new"), make_run(tmp_path / "old", seed=1)
+    text = (new / "config.toml").read_text()
+    v1 = text.replace("version = 2\n", "").replace('hidden_optimizer = "muon"', "muon = true")
+    (old / "config.toml").write_text(v1.replace("lr_hidden = ", "muon_lr = ").replace("seed = 0", "seed = 1"))
+    a, b = analysis.load_run(new), analysis.load_run(old)
+    assert b.config["optim"]["hidden_optimizer"] == "muon" and b.config["optim"]["lr_hidden"] == 0.05
+    assert analysis.config_difference(a, b) is None
+    (old / "config.toml").write_text(v1.replace("lr_hidden = 0.05", "muon_lr = 0.06").replace("seed = 0", "seed = 1"))
+    assert analysis.config_difference(a, analysis.load_run(old)) == "optim.lr_hidden = 0.05 vs 0.06"
