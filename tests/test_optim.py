@@ -321,3 +321,11 @@ def test_sharded_muon_equals_single_process(world_size, tmp_path):
             assert torch.equal(got.detach(), want.detach())
     finally:
         torch.set_num_threads(threads)
+
+
+def test_every_registered_optimizer_is_a_config_choice_and_back():
+    """config.py cannot import the optimizers (they import it), so it lists their names itself."""
+    from speedrun import config
+    from speedrun.optim import OPTIMIZERS
+
+    assert set(config._CHOICES[("optim", "hidden_optimizer")]) == set(OPTIMIZERS)
