@@ -5,6 +5,7 @@ summary.json; a run's name is the directory's basename."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
@@ -327,65 +328,85 @@ def _json_safe(obj):
 # plot
 
 
-def plot_runs(runs: list[Run], x: str = "time", targets=(), train: bool = False):
-    """One figure: each run's val loss (solid, labelled by run name) and with `train` its train loss
-    (thin dashed, same colour); horizontal lines at `targets`. Returns the matplotlib Figure."""
+def smoothed(values: list[float]) -> list[float]:
+    """An exponential moving average over about a twenty-fifth of the run (at least 1, at most 100
+    steps), bias-corrected so that it starts at the first value instead of at zero."""
+    beta = 1 - 1 / min(max(len(values) / 25, 1.0), 100.0)
+    out, mean = [], 0.0
+    for i, v in enumerate(values, 1):
+        mean = beta * mean + (1 - beta) * v
+        out.append(mean / (1 - beta ** i) if beta else v)
+    return out
+
+
+def plot_runs(runs: list[Run], x: str = "time", targets=(), train: bool = True):
+    """One figure: each run's val loss (points joined, labelled by run name) and with `train` its
+    train loss (raw values faint, smoothed on top, same colour); horizontal lines at `targets`
+    that fall near the curves. Returns the matplotlib Figure."""
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator, NullFormatter, NullLocator
 
-    last = [r.metrics[-1] for r in runs if r.metrics]  # a run stopped before its first step has none
-    if x == "time":
-        div, unit = _time_unit(max([m["train_time_ms"] for m in last] or [0.0]))
-        key, xlabel = "train_time_ms", f"training time ({'minutes' if unit == 'min' else 'seconds'})"
-    elif x == "tokens":
-        most = max([m["tokens"] for m in last] or [0])
-        div, word = next(((s, w) for s, w in ((1e9, "billions"), (1e6, "millions"), (1e3, "thousands")) if most >= s),
-                         (1.0, "count"))
-        key, xlabel = "tokens", f"training tokens ({word})"
-    elif x == "step":
-        div, key, xlabel = 1.0, "step", "optimizer step"
-    else:
-        raise UsageError(f"--x must be time, tokens or step, got '{x}'")
-
+    key, div, xlabel = _x_axis(runs, x)
     fig = Figure(figsize=(9, 5.5), dpi=110)
     ax = fig.add_subplot()
-    ys = []
+    late = []  # losses after the first fifth of each run: they set the top of the axis
     for r in runs:
         label = r.name if r.stopped is None else f"{r.name} ({r.stopped.split(':')[0]})"
         (line,) = ax.plot([v[key] / div for v in r.val], [v["val_loss"] for v in r.val], marker="o", markersize=3,
                           lw=1.6, label=label, gid="val")
-        ys += [v["val_loss"] for v in r.val]
+        late += [v["val_loss"] for v in r.val if v["step"] >= 0.2 * r.val[-1]["step"]]
         if train and r.train:
-            ax.plot([t[key] / div for t in r.train], [t["train_loss"] for t in r.train], color=line.get_color(),
-                    lw=0.7, ls="--", alpha=0.6, label="_nolegend_", gid="train")
-            ys += [t["train_loss"] for t in r.train]
-    for t in targets:
-        ax.axhline(t, color="0.25", ls=":", lw=1.2, label=f"target {t:g}", gid="target")
-
-    # The first val losses (~ln vocab) would squash the end of the curves, where runs differ; the top
-    # of the axis is the highest val loss after the first fifth of any run, the bottom the lowest loss.
-    finite = [y for y in ys + list(targets) if math.isfinite(y) and y > 0]
-    if finite:
-        lo = min(finite)
-        late = [v["val_loss"] for r in runs for v in r.val
-                if v["step"] >= 0.2 * r.val[-1]["step"] and math.isfinite(v["val_loss"])]
-        hi = max(late + list(targets) + [lo * 1.05])
-        lo, hi = lo / 1.02, hi * 1.03
-        ax.set_yscale("log")
-        ax.set_ylim(lo, hi)
-        ax.set_yticks([t for t in MaxNLocator(nbins=8).tick_values(lo, hi) if lo <= t <= hi])
-        ax.yaxis.set_major_formatter("{x:g}")
-        ax.yaxis.set_minor_locator(NullLocator())
-        ax.yaxis.set_minor_formatter(NullFormatter())
+            xs, ys = [t[key] / div for t in r.train], [t["train_loss"] for t in r.train]
+            ax.plot(xs, ys, color=line.get_color(), lw=0.5, alpha=0.25, label="_nolegend_", gid="train_raw")
+            ax.plot(xs, smoothed(ys), color=line.get_color(), lw=1.0, alpha=0.8, label="_nolegend_", gid="train")
+            late += [y for t, y in zip(r.train, smoothed(ys)) if t["step"] >= 0.2 * r.train[-1]["step"]]
+    _loss_axis(ax, [y for y in late if math.isfinite(y) and y > 0], targets)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("loss (nats/token, log scale)")
-    ax.set_title("validation loss" + (" (dashed: train loss)" if train else ""))
+    ax.set_title("validation loss (points)" + (" and train loss (smoothed; raw faint)" if train else ""))
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="upper right", fontsize="small")
     fig.tight_layout()
     return fig
+
+
+def _x_axis(runs: list[Run], x: str) -> tuple[str, float, str]:
+    """(metrics key, divisor, axis label) for --x."""
+    last = [r.metrics[-1] for r in runs if r.metrics]  # a run stopped before its first step has none
+    if x == "time":
+        div, unit = _time_unit(max([m["train_time_ms"] for m in last] or [0.0]))
+        return "train_time_ms", div, f"training time ({'minutes' if unit == 'min' else 'seconds'})"
+    if x == "tokens":
+        most = max([m["tokens"] for m in last] or [0])
+        div, word = next(((s, w) for s, w in ((1e9, "billions"), (1e6, "millions"), (1e3, "thousands")) if most >= s),
+                         (1.0, "count"))
+        return "tokens", div, f"training tokens ({word})"
+    if x == "step":
+        return "step", 1.0, "optimizer step"
+    raise UsageError(f"--x must be time, tokens or step, got '{x}'")
+
+
+def _loss_axis(ax, late: list[float], targets) -> None:
+    """A log axis from a little below the lowest late loss to a little above the highest: the first
+    losses (~ln vocab) would squash the ends of the curves, where runs differ. A target within 10%
+    below the curves is drawn and the axis stretched to it; a farther one would squash them too."""
+    from matplotlib.ticker import MaxNLocator, NullFormatter, NullLocator
+
+    if not late:
+        return
+    lo, hi = min(late), max(late)
+    for t in targets:
+        if lo / 1.1 <= t <= hi:
+            ax.axhline(t, color="0.25", ls=":", lw=1.2, label=f"target {t:g}", gid="target")
+            lo = min(lo, t)
+    lo, hi = lo / 1.02, max(hi, lo * 1.05) * 1.03
+    ax.set_yscale("log")
+    ax.set_ylim(lo, hi)
+    ax.set_yticks([t for t in MaxNLocator(nbins=8).tick_values(lo, hi) if lo <= t <= hi])
+    ax.yaxis.set_major_formatter("{x:g}")
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _default_targets(runs: list[Run]) -> list[float]:
@@ -395,8 +416,11 @@ def _default_targets(runs: list[Run]) -> list[float]:
 def _cmd_plot(args) -> int:
     runs = load_runs(args.runs, need_summary=False)
     targets = ([args.target] if args.target > 0 else []) if args.target is not None else _default_targets(runs)
-    fig = plot_runs(runs, x=args.x, targets=targets, train=args.train)
-    out = Path(args.out)
+    print(save_figure(plot_runs(runs, x=args.x, targets=targets, train=args.train), Path(args.out)))
+    return 0
+
+
+def save_figure(fig, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         fig.savefig(out)
@@ -404,8 +428,13 @@ def _cmd_plot(args) -> int:
         raise UsageError(f"--out {out}: {e}") from None
     except OSError as e:
         raise DataError(f"{out}: cannot write ({e.strerror})") from None
-    print(out)
-    return 0
+    return out
+
+
+def plot_run_dir(run_dir: Path) -> Path:
+    """RUN_DIR/loss.png, as `speedrun plot RUN_DIR` draws it: what a finished run leaves to look at."""
+    runs = [load_run(run_dir)]
+    return save_figure(plot_runs(runs, targets=_default_targets(runs)), run_dir / "loss.png")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,14 +511,16 @@ def _cmd_record(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("plot", help="plot val (and train) loss curves of runs on one figure",
-                       description="Plot the validation loss of one or more run directories on one figure.")
+    p = sub.add_parser("plot", help="plot val and train loss curves of runs on one figure",
+                       description="Plot the validation and train loss of one or more run directories on one "
+                                   "figure.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--x", choices=["time", "tokens", "step"], default="time", help="x axis (default: time)")
     p.add_argument("--out", default="loss.png", metavar="FILE", help="image to write (default: loss.png)")
     p.add_argument("--target", type=float, metavar="LOSS",
                    help="draw a target line (default: the runs' train.target_val_loss; 0: none)")
-    p.add_argument("--train", action="store_true", help="also draw train loss, dashed")
+    p.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,
+                   help="also draw train loss, smoothed over the raw values drawn faint (default: yes)")
     p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("compare", help="table of final loss, time, throughput and time-to-loss of runs",

@@ -17,7 +17,8 @@ from pathlib import Path
 from speedrun.errors import UsageError
 
 # What `speedrun train` writes into a run directory; anything else there is left alone.
-RESULTS = ("config.toml", "log.txt", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard", "wandb")
+RESULTS = ("config.toml", "log.txt", "metrics.jsonl", "summary.json", "loss.png", "checkpoints", "tensorboard",
+           "wandb")
 
 
 def results_in(folder: Path) -> list[str]:

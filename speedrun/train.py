@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from speedrun import checkpoint, rundir
+from speedrun import analysis, checkpoint, rundir
 from speedrun.attention import use_flex, window_tokens
 from speedrun.config import SECTIONS, Config, grad_accum_steps, load_config, scale_steps, to_dict, to_toml, validate
 from speedrun.data import shards
@@ -538,11 +538,20 @@ def _finish(trainer: Trainer, log: RunLog, run_dir: Path, val_loss: float, warm:
         summary["val_set"] = val_fingerprint(trainer.val_files, val_tokens=cfg.data.val_tokens, seq_len=cfg.data.val_seq_len)
         checkpoint.write_json(run_dir / "summary.json", summary)
         log.line(f"peak memory: {summary['peak_memory_mib']:.0f} MiB")
+        _plot(run_dir)
         log.line(f"final val_loss:{val_loss:.4f} train_time:{trainer.train_time_ms / 1000:.1f}s steps:{cfg.train.steps} "
                  f"run dir: {run_dir}", echo=True)
     log.close()
     barrier()
     return summary
+
+
+def _plot(run_dir: Path) -> None:
+    """loss.png in the run directory; a run that trained is not failed for a figure it could not draw."""
+    try:
+        print(f"loss curve: {analysis.plot_run_dir(run_dir)}", flush=True)
+    except SpeedrunError as e:
+        print(f"speedrun train: warning: no loss.png ({first_line(e)})", file=sys.stderr, flush=True)
 
 
 def register(sub) -> None:

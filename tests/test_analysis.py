@@ -58,6 +58,11 @@ def test_plot_draws_one_val_line_per_run_and_writes_a_png(tmp_path, monkeypatch,
     train_lines = [l for l in ax.get_lines() if l.get_gid() == "train"]
     assert [l.get_label() for l in val_lines] == ["fast-s0", "fast-s1", "baseline"]
     assert [l.get_color() for l in train_lines] == [l.get_color() for l in val_lines]
+    raw_lines = [l for l in ax.get_lines() if l.get_gid() == "train_raw"]
+    assert [l.get_color() for l in raw_lines] == [l.get_color() for l in val_lines]
+    assert all(raw.get_alpha() < smooth.get_alpha() for raw, smooth in zip(raw_lines, train_lines))
+    assert [l.get_ydata()[-1] for l in raw_lines] != [l.get_ydata()[-1] for l in train_lines]
+    assert [l.get_label() for l in ax.get_lines() if l.get_gid() == "target"] == ["target 3.28"]
     assert ax.get_xlabel() == "training time (minutes)"
     lo, hi = ax.get_ylim()
     assert lo < 3.27 and 3.40 < hi < 10  # the first losses (~10.8) are cut off so the ends are readable
@@ -194,3 +199,24 @@ def test_runs_saved_by_config_version_1_compare_with_newer_ones(tmp_path):
     assert analysis.config_difference(a, b) is None
     (old / "config.toml").write_text(v1.replace("lr_hidden = 0.05", "muon_lr = 0.06").replace("seed = 0", "seed = 1"))
     assert analysis.config_difference(a, analysis.load_run(old)) == "optim.lr_hidden = 0.05 vs 0.06"
+
+
+def test_smoothing_starts_at_the_first_value_and_calms_the_noise():
+    rng = np.random.default_rng(0)
+    noisy = list(4.0 + rng.normal(0, 0.3, 500))
+    smooth = analysis.smoothed(noisy)
+    assert smooth[0] == noisy[0] and len(smooth) == 500
+    assert analysis.smoothed([2.5] * 50) == pytest.approx([2.5] * 50)  # bias-corrected: no ramp from zero
+    assert np.std(smooth[100:]) < np.std(noisy[100:]) / 3 and abs(np.mean(smooth[100:]) - 4.0) < 0.05
+    assert analysis.smoothed([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]  # too short to smooth
+
+
+def test_a_target_far_below_the_curves_is_left_out(tmp_path):
+    """It would squash the curves into the top of the figure; one near them is drawn."""
+    run = analysis.load_runs([make_run(tmp_path / "a", final=4.5)])
+    fig = analysis.plot_runs(run, targets=[3.28])
+    assert not [l for l in fig.axes[0].get_lines() if l.get_gid() == "target"]
+    assert fig.axes[0].get_ylim()[0] > 4.0
+    fig = analysis.plot_runs(run, targets=[4.2])
+    assert [l.get_label() for l in fig.axes[0].get_lines() if l.get_gid() == "target"] == ["target 4.2"]
+    assert fig.axes[0].get_ylim()[0] < 4.2

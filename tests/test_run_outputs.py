@@ -320,6 +320,21 @@ def test_log_ends_with_peak_memory_and_the_final_line(main_run):
     assert printed[-1] == (out / "log.txt").read_text().splitlines()[-1]
     assert [line for line in printed if VAL_LINE.fullmatch(line)] == [
         line for line in (out / "log.txt").read_text().splitlines() if VAL_LINE.fullmatch(line)]
+    assert printed[-2] == f"loss curve: {out / 'loss.png'}"
+
+
+def test_a_finished_run_leaves_its_loss_curve(main_run):
+    """loss.png in the run directory: the run's val points and its smoothed train loss, as `speedrun
+    plot RUN_DIR` draws them."""
+    from speedrun.analysis import load_run, plot_runs
+
+    out = main_run["out"]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ax = plot_runs([load_run(out)]).axes[0]
+    gids = [line.get_gid() for line in ax.get_lines()]
+    assert gids.count("val") == gids.count("train") == gids.count("train_raw") == 1
+    val = next(line for line in ax.get_lines() if line.get_gid() == "val")
+    assert len(val.get_xdata()) == len([r for r in read_metrics(out) if "val_loss" in r])
 
 
 # -- 2. metrics.jsonl -------------------------------------------------------------------------------
