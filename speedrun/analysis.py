@@ -329,9 +329,9 @@ def _json_safe(obj):
 
 
 def smoothed(values: list[float]) -> list[float]:
-    """An exponential moving average over about a twenty-fifth of the run (at least 1, at most 100
-    steps), bias-corrected so that it starts at the first value instead of at zero."""
-    beta = 1 - 1 / min(max(len(values) / 25, 1.0), 100.0)
+    """An exponential moving average over about a tenth of the run (at least 1, at most 100 steps),
+    bias-corrected so that it starts at the first value instead of at zero."""
+    beta = 1 - 1 / min(max(len(values) / 10, 1.0), 100.0)
     out, mean = [], 0.0
     for i, v in enumerate(values, 1):
         mean = beta * mean + (1 - beta) * v
