@@ -1,4 +1,4 @@
-"""Attention masks and the two attention backends.
+"""Attention masks and the attention backends (BACKENDS: FlexAttention and SDPA).
 
 Which keys a query sees: key position <= query position, (with `document_mask`) the same
 document, where a document starts at each BOS token, and a sliding window in one of two
@@ -15,6 +15,8 @@ path (see `use_flex`).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -149,24 +151,77 @@ def flex_masks(docs: Tensor | None, window: int | Tensor, seq_len: int, block: i
     return masks
 
 
+def _flex_runs(cfg: ModelConfig, seq_len: int, device: torch.device) -> bool:
+    """Whole blocks, and not CPU or MPS: there FlexAttention has no backward, and its unfused eager
+    form is ~3x slower than SDPA's."""
+    return seq_len % cfg.window_block == 0 and device.type not in ("cpu", "mps")
+
+
+def _flex_masks(docs: Tensor | None, window: int | Tensor, cfg: ModelConfig, batch: int, seq_len: int, device):
+    return flex_masks(docs, window, seq_len, cfg.window_block, device, cfg.window_granularity)
+
+
+def _sdpa_masks(docs: Tensor | None, window: int | Tensor, cfg: ModelConfig, batch: int, seq_len: int, device):
+    if docs is None and not cfg.sliding_window:
+        return {"L": None, "S": None}  # is_causal: no mask to build or read
+    block = window_rule_block(cfg)
+    return {letter: dense_mask(docs, window, shrink, batch, seq_len, device, block) for letter, shrink in SHRINK.items()}
+
+
+@functools.cache
+def _compiled_flex_attention():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_attend(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: float) -> Tensor:
+    # Eager flex_attention materialises every (T, T) score; a CUDA model that is not compiled as a
+    # whole (--no-compile) still gets the fused kernel by compiling this call alone.
+    eager = torch.compiler.is_compiling() or not q.is_cuda
+    return (flex_attention if eager else _compiled_flex_attention())(q, k, v, block_mask=mask, scale=scale)
+
+
+def _sdpa_attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An attention implementation: whether it runs for a sequence length on a device, the masks of
+    one forward pass (keyed by SHRINK letter; any object the backend's `attend` takes), which of
+    those it owns, and the attention itself over (B, H, T, D) tensors."""
+    runs: Callable[[ModelConfig, int, torch.device], bool]
+    masks: Callable[..., dict]
+    owns: Callable[[object], bool]
+    attend: Callable[[Tensor, Tensor, Tensor, object, float], Tensor]
+
+
+# ModelConfig.attention names one; a new kernel is one entry. SDPA runs everywhere and takes over
+# where the configured one cannot run; a KV cache's masks (dense) are SDPA's too.
+BACKENDS = {
+    "flex": Backend(_flex_runs, _flex_masks, lambda mask: isinstance(mask, BlockMask), _flex_attend),
+    "sdpa": Backend(lambda cfg, seq_len, device: True, _sdpa_masks, lambda mask: mask is None or isinstance(mask, Tensor),
+                    _sdpa_attend),
+}
+FALLBACK = "sdpa"
+
+
+def attention_backend(cfg: ModelConfig, seq_len: int, device: torch.device) -> str:
+    """The backend a forward pass of `seq_len` tokens on `device` uses."""
+    return cfg.attention if BACKENDS[cfg.attention].runs(cfg, seq_len, device) else FALLBACK
+
+
 def use_flex(cfg: ModelConfig, seq_len: int, device: torch.device) -> bool:
-    """FlexAttention when configured and the sequence is whole blocks, except on CPU and MPS:
-    there it has no backward, and its unfused eager form is ~3x slower than SDPA's."""
-    return cfg.attention == "flex" and seq_len % cfg.window_block == 0 and device.type not in ("cpu", "mps")
+    return attention_backend(cfg, seq_len, device) == "flex"
 
 
-def build_masks(idx: Tensor, window: int | Tensor, cfg: ModelConfig) -> dict[str, BlockMask | Tensor | None]:
-    """Masks for one forward pass, keyed by long_short_pattern letter. Values: a BlockMask
-    (FlexAttention), a dense boolean mask (SDPA), or None (SDPA with is_causal, when neither
-    documents nor windows restrict attention)."""
+def build_masks(idx: Tensor, window: int | Tensor, cfg: ModelConfig) -> dict:
+    """Masks for one forward pass, keyed by long_short_pattern letter, in the form of the backend
+    that runs it: a BlockMask (flex), a dense boolean mask or None for plain causal (sdpa)."""
     B, T = idx.shape
     docs = document_ids(idx) if cfg.document_mask else None
-    if use_flex(cfg, T, idx.device):
-        return flex_masks(docs, window, T, cfg.window_block, idx.device, cfg.window_granularity)
-    if docs is None and not cfg.sliding_window:
-        return {"L": None, "S": None}
-    block = window_rule_block(cfg)
-    return {letter: dense_mask(docs, window, shrink, B, T, idx.device, block) for letter, shrink in SHRINK.items()}
+    return BACKENDS[attention_backend(cfg, T, idx.device)].masks(docs, window, cfg, B, T, idx.device)
 
 
 def window_rule_block(cfg: ModelConfig) -> int | None:
@@ -179,18 +234,9 @@ def farthest_key(window: int, shrink: int, block: int | None) -> int:
     return window_blocks(window, block, shrink) * block if block is not None else -(-window // shrink)
 
 
-@functools.cache
-def _compiled_flex_attention():
-    return torch.compile(flex_attention, dynamic=False)
-
-
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask | Tensor | None, scale: float) -> Tensor:
-    """Attention over (B, H, T, D) tensors with a mask from `build_masks`."""
-    if isinstance(mask, BlockMask):
-        # Eager flex_attention materialises every (T, T) score; a CUDA model that is not compiled
-        # as a whole (--no-compile) still gets the fused kernel by compiling this call alone.
-        eager = torch.compiler.is_compiling() or not q.is_cuda
-        return (flex_attention if eager else _compiled_flex_attention())(q, k, v, block_mask=mask, scale=scale)
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float) -> Tensor:
+    """Attention over (B, H, T, D) tensors by the backend whose mask `mask` is (see build_masks)."""
+    for backend in BACKENDS.values():
+        if backend.owns(mask):
+            return backend.attend(q, k, v, mask, scale)
+    raise TypeError(f"no attention backend takes a mask of type {type(mask).__name__}")

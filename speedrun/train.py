@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from speedrun import analysis, checkpoint, rundir
-from speedrun.attention import use_flex, window_tokens
+from speedrun.attention import attention_backend, window_tokens
 from speedrun.config import SECTIONS, Config, grad_accum_steps, load_config, scale_steps, to_dict, to_toml, validate
 from speedrun.data import shards
 from speedrun.data.corpus import builtin_corpus_dir
@@ -117,10 +117,9 @@ def execution_path(trainer: "Trainer") -> dict:
     """What actually runs, so that two runs can be told apart from their logs: attention backend and
     window rule, head, dtype, compile, and the software and hardware underneath."""
     cfg, device = trainer.cfg, trainer.device
-    flex = use_flex(cfg.model, cfg.data.seq_len, device)
     window = (f"{cfg.model.window_granularity} windows ({cfg.model.window_schedule} schedule)"
               if cfg.model.sliding_window else "no window")
-    path = {"attention": f"{'flex' if flex else 'sdpa'}, {window}",
+    path = {"attention": f"{attention_backend(cfg.model, cfg.data.seq_len, device)}, {window}",
             "head": "fp8" if trainer.model.lm_head.fp8_scales else str(trainer.model.activation_dtype).removeprefix("torch."),
             "activations": str(trainer.model.activation_dtype).removeprefix("torch."),
             "compile": "torch.compile (dynamic=False)" if cfg.train.compile else "eager",

@@ -217,3 +217,30 @@ def test_compiled_flex_on_cuda_equals_reference(layout):
                                            allowed_reference(idx.cpu(), 384, shrink, True, granularity))
             out = compiled(q, k, v, block_mask=masks[letter], scale=SCALE)
             torch.testing.assert_close(out.float().cpu(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_every_attention_backend_is_a_config_choice_and_back():
+    from speedrun import config
+    from speedrun.attention import BACKENDS, FALLBACK
+
+    assert set(config._CHOICES[("model", "attention")]) == set(BACKENDS) and FALLBACK in BACKENDS
+
+
+def test_attend_runs_the_backend_that_owns_the_mask(monkeypatch):
+    import dataclasses
+
+    from speedrun import attention
+
+    seen = []
+    for name, backend in list(attention.BACKENDS.items()):
+        def recording(*args, name=name, original=backend.attend):
+            seen.append(name)
+            return original(*args)
+        monkeypatch.setitem(attention.BACKENDS, name, dataclasses.replace(backend, attend=recording))
+    q = k = v = torch.randn(1, 2, 128, 16)
+    dense = dense_mask(None, 64, 1, 1, 128, "cpu", block=64)
+    outs = [attend(q, k, v, mask, SCALE) for mask in (None, dense, flex_masks(None, 64, 128, 64, "cpu")["L"])]
+    assert seen == ["sdpa", "sdpa", "flex"]
+    torch.testing.assert_close(outs[1], outs[2], atol=1e-5, rtol=1e-5)  # the same window, two backends
+    with pytest.raises(TypeError, match="no attention backend takes a mask of type str"):
+        attend(q, k, v, "causal", SCALE)
