@@ -120,7 +120,7 @@ def test_a_run_directory_with_results_is_never_reused(four_step_run, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
         f"speedrun train: error: --out {four_step_run} already holds a run (config.toml, log.txt, metrics.jsonl, "
-        f"summary.json, checkpoints); continue it with --resume {four_step_run}, delete its results with "
+        f"summary.json, loss.png, checkpoints); continue it with --resume {four_step_run}, delete its results with "
         "--overwrite, or choose another --out")
     assert _snapshot(four_step_run) == before
     afile = tmp_path / "afile"
