@@ -13,7 +13,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from speedrun.config import ConfigError, from_dict, to_dict
+from speedrun.config import from_dict, to_dict
 from speedrun.errors import DataError, UsageError
 
 # Keys that change how a run is executed or logged but not what it computes; runs that differ only
@@ -107,10 +107,7 @@ def _read_config(path: Path) -> dict:
         table = tomllib.loads(_read_text(path))
     except (ValueError, RecursionError) as e:  # TOMLDecodeError is a ValueError
         raise DataError(f"{path}: not valid TOML ({str(e)[:200]})") from None
-    try:
-        return to_dict(from_dict(table, str(path)))
-    except ConfigError as e:
-        raise DataError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
+    return to_dict(from_dict(table, str(path)))
 
 
 def load_run(path: str | Path, need_summary: bool = True) -> Run:

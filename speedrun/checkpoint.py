@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from speedrun.config import Config, ConfigError, from_dict, to_toml
+from speedrun.config import Config, from_dict, to_toml
 from speedrun.data.loader import state_problem
 from speedrun.distributed import Runtime, barrier
 from speedrun.errors import DataError, UsageError, first_line
@@ -95,10 +95,7 @@ def read_config(ckpt: Path) -> Config:
         raise DataError(f"{path}: missing; the checkpoint cannot be resumed or loaded without its config") from None
     except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, not TOML, a 5000-digit integer
         raise DataError(f"{path}: damaged ({first_line(e)})") from None
-    try:
-        return from_dict(table, str(path))
-    except ConfigError as e:  # a damaged checkpoint is bad data (exit 1), whatever value the damage hit
-        raise DataError(str(e) if str(e).startswith(str(path)) else f"{path}: damaged ({e})") from None
+    return from_dict(table, str(path))
 
 
 def _owned_state(opt: torch.optim.Optimizer) -> dict:

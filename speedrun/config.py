@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 
-from speedrun.errors import UsageError, first_line
+from speedrun.errors import DataError, UsageError, first_line
 
 
 class ConfigError(UsageError):
@@ -472,15 +472,19 @@ def to_toml(cfg: Config) -> str:
 
 def from_dict(table: dict, where: str = "config") -> Config:
     """A config saved by a run (config.toml, config.json); one without `version` was saved by
-    config version 1 and is read with that version's defaults and keys."""
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: expected a table of [model], [optim], [data] and [train] settings, "
-                          f"got {type(table).__name__}")
-    cfg = Config()
-    for layer_where, layer in _layers(table, where, None, default_version=1):
-        _apply(cfg, layer, layer_where)
-    validate(cfg)
-    return cfg
+    config version 1 and is read with that version's defaults and keys. A table that is not a
+    valid config is a damaged file: a DataError naming `where`, whatever value the damage hit."""
+    try:
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: expected a table of [model], [optim], [data] and [train] settings, "
+                              f"got {type(table).__name__}")
+        cfg = Config()
+        for layer_where, layer in _layers(table, where, None, default_version=1):
+            _apply(cfg, layer, layer_where)
+        validate(cfg)
+        return cfg
+    except ConfigError as e:
+        raise DataError(str(e) if str(e).startswith(where) else f"{where}: damaged ({e})") from None
 
 
 def preset_description(name: str) -> str:

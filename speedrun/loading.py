@@ -11,7 +11,7 @@ from safetensors.torch import load_model as load_weights
 
 from speedrun import checkpoint
 from speedrun.attention import window_tokens
-from speedrun.config import Config, ConfigError, from_dict
+from speedrun.config import Config, from_dict
 from speedrun.distributed import pick_device
 from speedrun.errors import DataError, UsageError, first_line
 from speedrun.model import GPT
@@ -40,10 +40,7 @@ def _read_export_config(folder: Path) -> Config:
         table = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON, a 5000-digit number
         raise DataError(f"{path}: cannot read the config ({first_line(e)})") from None
-    try:
-        return from_dict(table, str(path))
-    except ConfigError as e:  # a damaged export is bad data (exit 1), whatever value the damage hit
-        raise DataError(str(e) if str(e).startswith(str(path)) else f"{path}: damaged ({e})") from None
+    return from_dict(table, str(path))
 
 
 def from_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> GPT:
