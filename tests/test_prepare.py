@@ -1,0 +1,55 @@
+"""speedrun.prepare's host-memory setting: glibc told to serve large tensors from the heap and keep
+what is freed, unless the user chose otherwise; the values computed are the same (the speed is a
+benchmark: docs/benchmarks.md)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from speedrun import prepare
+
+PROBE = """
+import ctypes, torch
+from speedrun.prepare import keep_freed_host_memory
+
+class MallInfo2(ctypes.Structure):  # glibc >= 2.33
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+mallinfo2.restype = MallInfo2
+took = keep_freed_host_memory()
+torch.manual_seed(0)
+mapped = mallinfo2().hblks  # chunks mapped on their own so far (by the imports, say)
+big = torch.randn(64, 2**20)  # 256 MB: glibc maps an allocation this large on its own, unless told not to
+print(took, mallinfo2().hblks - mapped, f"{float(big[0, :8].sum()):.6f}")
+"""
+
+
+def probe(env: dict) -> list[str]:
+    return subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True,
+                          env={k: v for k, v in {**os.environ, **env}.items() if v is not None}).stdout.split()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_large_tensors_come_from_the_heap_unless_the_user_chose_otherwise():
+    kept = probe({"MALLOC_MMAP_MAX_": None, "MALLOC_TRIM_THRESHOLD_": None})
+    own = probe({"MALLOC_MMAP_MAX_": "65536"})  # the user's setting: left alone
+    assert kept[0] == "True" and own[0] == "False"
+    assert kept[2] == own[2]  # the same numbers either way
+    # kept: the tensor lives on the heap, no chunk of its own mapped; the user's default: one mapped chunk
+    assert int(kept[1]) == 0 and int(own[1]) == 1
+
+
+def test_prepare_applies_it_on_cpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(prepare, "keep_freed_host_memory", lambda: calls.append(1) or True)
+    from conftest import prepared
+    from speedrun.config import load_config
+    from speedrun.model import GPT
+
+    cfg = load_config("tiny", None, ["model.n_layer=2", "model.long_short_pattern=LL", "model.value_embeds=1"]).model
+    prepared(GPT(cfg), "cpu", "inference")
+    assert calls == [1]
