@@ -243,10 +243,12 @@ def _version(table: dict, where: str, default: int) -> int:
     return version
 
 
-def _upgraded_v1(table: dict, where: str) -> dict:
-    """A version-1 table in version-2 keys: optim.muon chose Muon (at muon_lr) for the hidden matrices
-    and Adam for the rest, muon = false put every parameter in one AdamW at lr_adam; a pattern of
-    only L layers is the empty pattern, so that it compares equal to the presets that now omit it."""
+def _upgraded_v1(table: dict, where: str, under_muon: bool) -> dict:
+    """A version-1 table in version-2 keys. Version 1's optim.muon chose Muon (at muon_lr) for the
+    hidden matrices and Adam for the rest; muon = false put every parameter in one AdamW at lr_adam,
+    which had to be positive. A key the table leaves out keeps the value of what lies under it
+    (`under_muon`: whether that is in Muon mode). A pattern of only L layers is the empty pattern,
+    so that it compares equal to the presets that now omit it."""
     model = table.get("model")
     if isinstance(model, dict) and isinstance(model.get("long_short_pattern"), str) \
             and set(model["long_short_pattern"]) == {"L"}:
@@ -255,12 +257,19 @@ def _upgraded_v1(table: dict, where: str) -> dict:
     if not isinstance(optim, dict):
         return table
     optim = dict(optim)
-    muon = _coerce("optim.muon", optim.pop("muon", True), bool, where)
-    muon_lr, lr_adam = optim.pop("muon_lr", 0.05), optim.pop("lr_adam", 0.0)
+    muon = _coerce("optim.muon", optim.pop("muon"), bool, where) if "muon" in optim else under_muon
+    muon_lr, lr_adam = optim.pop("muon_lr", None), optim.pop("lr_adam", None)
+    optim["hidden_optimizer"] = "muon" if muon else "adam"
     if muon:
-        optim.update(hidden_optimizer="muon", lr_hidden=muon_lr)
-    else:
-        optim.update(hidden_optimizer="adam", lr_hidden=lr_adam, lr_head=lr_adam, lr_embed=lr_adam, lr_scalar=lr_adam)
+        if not under_muon:  # an Adam-only base set none of Muon mode's lrs: version 1's defaults did
+            optim = {**{k: v for k, v in _v1_defaults()["optim"].items() if k.startswith("lr_")}, **optim}
+        if muon_lr is not None:
+            optim["lr_hidden"] = muon_lr
+    elif lr_adam is not None or under_muon:
+        if lr_adam is None or isinstance(lr_adam, bool) or not isinstance(lr_adam, (int, float)) or lr_adam <= 0:
+            raise ConfigError(f"{where}: 'optim.lr_adam' must be a positive number when optim.muon = false "
+                              f"(config version 1), got {lr_adam!r}")
+        optim.update(lr_hidden=lr_adam, lr_head=lr_adam, lr_embed=lr_adam, lr_scalar=lr_adam)
     return {**table, "optim": optim}
 
 
@@ -274,9 +283,12 @@ def _layers(table: dict, where: str, preset: str | None, default_version: int) -
     preset = preset or _base_name(table, where)
     layers = _chain(preset) if preset is not None else []
     if _version(table, where, default_version) == 1:
-        table = _upgraded_v1(table, where)
         if preset is None:  # version 1's defaults were the speedrun recipe
             layers.append(("config version 1 defaults", _v1_defaults()))
+        under = Config()
+        for layer_where, layer in layers:
+            _apply(under, layer, layer_where)
+        table = _upgraded_v1(table, where, under.optim.hidden_optimizer == "muon")
     return [*layers, (where, table)]
 
 

@@ -199,3 +199,27 @@ def test_bad_versions_are_one_error(tmp_path, version, message):
     f.write_text(f"version = {version!r}\n".replace("'", '"'))
     with pytest.raises(ConfigError, match=f"c.toml: {message}"):
         load_config(None, f)
+
+
+@pytest.mark.parametrize("base, optim, expected", [
+    # a key the version-1 file leaves out keeps its base's value, as version 1 read it
+    ("gpt2-medium-speedrun", "muon = true", ("muon", 0.025, 0.003, 0.3, 0.015)),
+    ("baseline-tiny", "muon = false", ("adam", 0.003, 0.003, 0.003, 0.003)),
+    ("baseline-tiny", "lr_adam = 0.001", ("adam", 0.001, 0.001, 0.001, 0.001)),
+    # Muon mode over an Adam-only base: version 1's Muon-mode defaults, which that base never set
+    ("baseline-tiny", "muon = true\nmuon_lr = 0.02", ("muon", 0.02, 0.008, 0.6, 0.04)),
+])
+def test_a_version_1_file_on_a_base_keeps_what_it_leaves_out(tmp_path, base, optim, expected):
+    f = tmp_path / "old.toml"
+    f.write_text(f'version = 1\nbase = "{base}"\n[optim]\n{optim}\n')
+    o = load_config(None, f).optim
+    assert (o.hidden_optimizer, o.lr_hidden, o.lr_head, o.lr_embed, o.lr_scalar) == expected
+
+
+@pytest.mark.parametrize("text", ['base = "tiny"\n[optim]\nmuon = false\n', "[optim]\nmuon = false\n",
+                                  "[optim]\nmuon = false\nlr_adam = 0\n"])
+def test_version_1_adam_mode_needs_its_lr_as_version_1_did(tmp_path, text):
+    f = tmp_path / "old.toml"
+    f.write_text("version = 1\n" + text)
+    with pytest.raises(ConfigError, match="old.toml: 'optim.lr_adam' must be a positive number when optim.muon = false"):
+        load_config(None, f)
