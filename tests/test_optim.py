@@ -283,6 +283,9 @@ def _sharded_worker(rank, world_size, tmp):
         owned = [i for i, p in enumerate(params) if opt.owns(p)]
         _sharded_steps(params, opt, range(3, 5))
         torch.save(dict(params=[p.detach() for p in params], state=state, owned=owned), f"{tmp}/rank{rank}.pt")
+        # every rank done with gloo before any tears its connections down: a peer closing them
+        # while another still uses them aborted a worker once (std::terminate in gloo, CI 2026-11-26)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
