@@ -80,6 +80,8 @@ class Attention(nn.Module):
         inner = cfg.n_head * cfg.head_dim
         # q, k and v stacked on a leading axis, so Muon orthogonalises each on its own
         self.qkv = nn.Parameter(torch.empty(3, inner, cfg.model_dim))
+        # NorMuon's tag (a plain attribute, so not in the state_dict): how q and k split into heads
+        self.qkv.matrix_layout = ("qkv", cfg.head_dim)
         self.qkv_bias = nn.Parameter(torch.empty(3 * inner)) if cfg.bias else None
         # v = a*v (+ b*value_embedding); only layers with a value table get b, so no parameter is unused
         self.v_mix = nn.Parameter(torch.empty(2 if has_value_embed else 1)) if cfg.value_embeds else None
@@ -113,6 +115,8 @@ class MLP(nn.Module):
         hidden = cfg.mlp_ratio * cfg.model_dim
         self.fc = Linear(cfg.model_dim, hidden, cfg.bias)
         self.proj = Linear(hidden, cfg.model_dim, cfg.bias)
+        # NorMuon's tag: the record stores this matrix transposed, and NorMuon treats it so
+        self.proj.weight.matrix_layout = ("mlp_out",)
         self.relu2 = cfg.activation == "relu2"
 
     def forward(self, x: Tensor) -> Tensor:
@@ -220,10 +224,11 @@ class GPT(nn.Module):
                 m.reset_parameters()
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, window_tokens: int | Tensor = NO_WINDOW,
-                cache=None) -> Tensor:
+                cache=None, short_window: int | Tensor | None = None) -> Tensor:
         """idx (B, T) int -> mean cross-entropy against targets (B, T), or, with targets None,
         logits (B, T, vocab_size) in float32. `window_tokens` may be a 0-d int tensor on the
-        model's device, so a compiled model need not recompile as the window grows. With a `cache`
+        model's device, so a compiled model need not recompile as the window grows; so may
+        `short_window`, the S layers' window where a schedule sets it (else half the long). With a `cache`
         (speedrun.generate.KVCache), idx holds only the tokens after those already cached, and the
         cache's window applies."""
         cfg = self.cfg
@@ -234,7 +239,7 @@ class GPT(nn.Module):
             x = rms_norm(x)
         x0 = x
         tables = [emb(idx).to(self.activation_dtype) for emb in self.value_embeds]
-        masks = build_masks(idx, window_tokens, cfg) if cache is None else cache.masks(idx)
+        masks = build_masks(idx, window_tokens, cfg, short_window) if cache is None else cache.masks(idx)
         rotary = None
         if cfg.positional == "rotary":
             rotary = tuple(t[past:] for t in rotary_tables(past + T, cfg, idx.device))

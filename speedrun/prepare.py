@@ -85,6 +85,10 @@ def prepare(model: GPT, cfg: Config, device: torch.device, mode: str, sequences_
             if isinstance(module, nn.Embedding):
                 module.bfloat16()
     training = mode == "train"
+    if training and cfg.optim.hidden_weight_dtype == "bfloat16":
+        # NorMuon keeps the low 16 bits of each fp32 master in its state (optim.hidden_weight_dtype)
+        for p in model.param_groups().get("hidden", []):
+            p.data = p.data.bfloat16()
     fp8 = training and uses_fp8_head(m, device)
     model.lm_head.fp8_scales = [*m.fp8_scales[:2], m.fp8_scales[2] * sequences_per_loss] if fp8 else None
     model.train(training)

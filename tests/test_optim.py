@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from speedrun.config import OptimConfig, load_config
+from speedrun.config import Config, OptimConfig, TrainConfig, load_config
 from speedrun.optim import Muon, apply_schedule, build_optimizers, lr_multiplier, muon_momentum, newton_schulz
 
 
@@ -242,7 +242,7 @@ def test_build_optimizers_rejects_unknown_groups():
 def test_apply_schedule_sets_lr_and_momentum():
     cfg = dataclasses.replace(RECORD, muon_momentum_warmup_steps=100)
     opts = build_optimizers(_groups(), cfg)
-    apply_schedule(opts, 90, 100, cfg)  # last tenth of the run: lr factor 0.25 + 0.75 * 0.1
+    apply_schedule(opts, 90, Config(optim=cfg, train=TrainConfig(steps=100)))  # last tenth: lr factor 0.25 + 0.75 * 0.1
     for opt in opts:
         for group in opt.param_groups:
             assert group["lr"] == pytest.approx(group["base_lr"] * 0.325)
