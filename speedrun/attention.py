@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,24 @@ def document_ids(idx: Tensor) -> Tensor:
 
 # How much each long_short_pattern letter divides the window by: S layers see half of it.
 SHRINK = {"L": 1, "S": 2}
+
+
+class Windows(NamedTuple):
+    """The long window and, where a schedule sets it, the S layers' own (else the long one halved), in tokens."""
+    long: int
+    short: int | None = None
+
+    def kwargs(self) -> dict:
+        """As GPT.forward's keyword arguments."""
+        return {"window_tokens": self.long, "short_window": self.short}
+
+
+def letter_windows(window: int | Tensor, short: int | Tensor | None = None) -> dict[str, tuple]:
+    """(window, shrink) per long_short_pattern letter: S layers see the long window shrunk by
+    SHRINK["S"], or exactly `short` tokens when a schedule gives the short window itself (the 2026
+    record's stages)."""
+    shrunk = {letter: (window, shrink) for letter, shrink in SHRINK.items()}
+    return shrunk if short is None else {**shrunk, "S": (short, 1)}
 
 
 def window_blocks(window: int | Tensor, block: int, shrink: int) -> int | Tensor:
@@ -119,8 +138,8 @@ def _as_ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def flex_masks(docs: Tensor | None, window: int | Tensor, seq_len: int, block: int, device,
-               granularity: str = "block") -> dict[str, BlockMask]:
-    """A BlockMask per SHRINK letter, built from block-level bounds rather than by evaluating the
+               granularity: str = "block", short: int | Tensor | None = None) -> dict[str, BlockMask]:
+    """A BlockMask per long_short_pattern letter (see letter_windows), built from block-level bounds rather than by evaluating the
     rule on every (q, kv) pair: a block pair is skipped when no pair in it is allowed, "full" when
     every pair is (no mask_mod call inside), and partial otherwise. Cost is O(B * (T/block)^2)
     elementwise ops, all tensor code, so it compiles and never syncs with the host.
@@ -133,20 +152,20 @@ def flex_masks(docs: Tensor | None, window: int | Tensor, seq_len: int, block: i
     if granularity == "block":
         partial_count, partial_index = _as_ordered(some & ~every)
         full_count, full_index = _as_ordered(every)
-        for letter, shrink in SHRINK.items():
-            n = window_blocks(window, block, shrink)
+        for letter, (size, shrink) in letter_windows(window, short).items():
+            n = window_blocks(size, block, shrink)
             partial = torch.minimum(partial_count, torch.clamp_min(n - full_count, 1))
             masks[letter] = BlockMask.from_kv_blocks(partial, partial_index, torch.clamp_max(full_count, n - 1),
                                                      full_index, BLOCK_SIZE=block,
-                                                     mask_mod=mask_rule(docs, window, shrink, block),
+                                                     mask_mod=mask_rule(docs, size, shrink, block),
                                                      seq_lengths=(seq_len, seq_len))
         return masks
     gap = gap * block  # distance between the blocks' first positions, in tokens
-    for letter, shrink in SHRINK.items():
-        full = every & ((gap + block - 1) * shrink < window)
-        partial = some & ((gap - block + 1) * shrink < window) & ~full
+    for letter, (size, shrink) in letter_windows(window, short).items():
+        full = every & ((gap + block - 1) * shrink < size)
+        partial = some & ((gap - block + 1) * shrink < size) & ~full
         masks[letter] = BlockMask.from_kv_blocks(*_as_ordered(partial), *_as_ordered(full), BLOCK_SIZE=block,
-                                                 mask_mod=mask_rule(docs, window, shrink),
+                                                 mask_mod=mask_rule(docs, size, shrink),
                                                  seq_lengths=(seq_len, seq_len))
     return masks
 
@@ -157,15 +176,16 @@ def _flex_runs(cfg: ModelConfig, seq_len: int, device: torch.device) -> bool:
     return seq_len % cfg.window_block == 0 and device.type not in ("cpu", "mps")
 
 
-def _flex_masks(docs: Tensor | None, window: int | Tensor, cfg: ModelConfig, batch: int, seq_len: int, device):
-    return flex_masks(docs, window, seq_len, cfg.window_block, device, cfg.window_granularity)
+def _flex_masks(docs: Tensor | None, window: int | Tensor, short, cfg: ModelConfig, batch: int, seq_len: int, device):
+    return flex_masks(docs, window, seq_len, cfg.window_block, device, cfg.window_granularity, short)
 
 
-def _sdpa_masks(docs: Tensor | None, window: int | Tensor, cfg: ModelConfig, batch: int, seq_len: int, device):
+def _sdpa_masks(docs: Tensor | None, window: int | Tensor, short, cfg: ModelConfig, batch: int, seq_len: int, device):
     if docs is None and not cfg.sliding_window:
         return {"L": None, "S": None}  # is_causal: no mask to build or read
     block = window_rule_block(cfg)
-    return {letter: dense_mask(docs, window, shrink, batch, seq_len, device, block) for letter, shrink in SHRINK.items()}
+    return {letter: dense_mask(docs, size, shrink, batch, seq_len, device, block)
+            for letter, (size, shrink) in letter_windows(window, short).items()}
 
 
 @functools.cache
@@ -216,12 +236,13 @@ def use_flex(cfg: ModelConfig, seq_len: int, device: torch.device) -> bool:
     return attention_backend(cfg, seq_len, device) == "flex"
 
 
-def build_masks(idx: Tensor, window: int | Tensor, cfg: ModelConfig) -> dict:
+def build_masks(idx: Tensor, window: int | Tensor, cfg: ModelConfig, short: int | Tensor | None = None) -> dict:
     """Masks for one forward pass, keyed by long_short_pattern letter, in the form of the backend
-    that runs it: a BlockMask (flex), a dense boolean mask or None for plain causal (sdpa)."""
+    that runs it: a BlockMask (flex), a dense boolean mask or None for plain causal (sdpa). `short`,
+    when given, is the S layers' window in tokens; otherwise they see the long window halved."""
     B, T = idx.shape
     docs = document_ids(idx) if cfg.document_mask else None
-    return BACKENDS[attention_backend(cfg, T, idx.device)].masks(docs, window, cfg, B, T, idx.device)
+    return BACKENDS[attention_backend(cfg, T, idx.device)].masks(docs, window, short, cfg, B, T, idx.device)
 
 
 def window_rule_block(cfg: ModelConfig) -> int | None:

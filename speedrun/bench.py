@@ -20,6 +20,7 @@ import torch
 from speedrun.config import load_config
 from speedrun.errors import UsageError
 from speedrun.distributed import setup, teardown
+from speedrun.stages import step_plan
 from speedrun.runlog import device_description, mfu, peak_flops, peak_memory_mib
 
 
@@ -34,7 +35,7 @@ def measure(preset: str, overrides: list[str], steps: int, warmup: int, device: 
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
     trainer = Trainer(cfg, rt, preset)
-    warm_s = trainer.warm_up(warmup)
+    warmed, warm_s = trainer.warm_up(warmup)
     graphs_before = graphs_compiled()
     watch = Stopwatch(rt.device)
     watch.start()
@@ -45,18 +46,19 @@ def measure(preset: str, overrides: list[str], steps: int, warmup: int, device: 
     times = [end - begin for begin, end in zip([0.0, *ends], ends)]
     recompiles = graphs_compiled() - graphs_before
     step_s = statistics.median(times)
-    tokens_per_s = cfg.data.batch_tokens / step_s
-    utilisation = mfu(trainer.model.flops_per_token(cfg.data.seq_len), tokens_per_s, peak_flops(rt.device),
+    plan = step_plan(0, cfg)  # the steps timed are the first stage's
+    tokens_per_s = plan.batch_tokens / step_s
+    utilisation = mfu(trainer.model.flops_per_token(plan.seq_len), tokens_per_s, peak_flops(rt.device),
                       rt.world_size)
     return {
         "preset": preset, "device": device_description(rt.device), "world_size": rt.world_size,
         "torch": torch.__version__, "compile": cfg.train.compile, "steps": steps,
         "step_ms": round(step_s * 1000, 2), "step_ms_min": round(min(times) * 1000, 2),
-        "tokens_per_step": cfg.data.batch_tokens, "tokens_per_s": round(tokens_per_s, 1),
+        "tokens_per_step": plan.batch_tokens, "tokens_per_s": round(tokens_per_s, 1),
         "mfu": round(utilisation, 4) if utilisation is not None else None,
         "peak_memory_mib": round(peak_memory_mib(rt.device), 1),
         # Warm-up time less what the same number of steady steps take: the one-off compile cost.
-        "compile_s": round(max(warm_s - warmup * step_s, 0.0), 2),
+        "compile_s": round(max(warm_s - warmed * step_s, 0.0), 2),
         "recompiles": recompiles,
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
     }

@@ -76,7 +76,7 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     """nanoGPT's AdamW with warm-up and cosine decay; presets switch the hidden matrices to Muon."""
-    hidden_optimizer: str = "adam"  # the optimizer of the hidden matrices: adam | muon; every other role uses adam
+    hidden_optimizer: str = "adam"  # the optimizer of the hidden matrices: adam | muon | normuon; every other role uses adam
     lr_hidden: float = 6e-4
     lr_head: float = 6e-4
     lr_embed: float = 6e-4
@@ -84,11 +84,30 @@ class OptimConfig:
     muon_momentum: float = 0.95
     muon_momentum_start: float = 0.85
     muon_momentum_warmup_steps: int = 300
+    muon_momentum_cooldown_steps: int = 0  # back down to muon_momentum_start linearly over the run's last N steps
     muon_nesterov: bool = True
     ns_steps: int = 5
+    # how Muon and NorMuon orthogonalise: newton_schulz (the 2025 quintic, ns_steps iterations) |
+    # polar_express (the 2026 record: five iterations, each with its own coefficients)
+    orthogonalizer: str = "newton_schulz"
+    normuon_beta2: float = 0.9  # NorMuon's second-moment decay (per row or column of the orthogonalised update)
+    qk_blocks: str = "matrix"  # NorMuon: Q and K orthogonalised whole (matrix) or per pair of heads (head_pair)
+    lr_mul_mlp_out: float = 1.0  # NorMuon's lr factor of the MLP output projection (the 2026 record: 2)
+    # float32: the hidden matrices are fp32 parameters; bfloat16: bf16 parameters whose low 16 bits
+    # NorMuon keeps in its state, so each update is applied to the exact fp32 value (the 2026 record)
+    hidden_weight_dtype: str = "float32"
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     adam_eps: float = 1e-8
     weight_decay: float = 0.1  # matrices only; vectors and scalars never decay
+    # per-role overrides of weight_decay and adam_betas, e.g. {head = 0.75}; roles: hidden, head, embed, scalar
+    role_weight_decay: dict[str, float] = field(default_factory=dict)
+    role_adam_betas: dict[str, list[float]] = field(default_factory=dict)
+    # decoupled: p -= lr·wd·p (AdamW, torch's Muon); cautious: only where the update and the weight
+    # agree in sign, p -= lr·lr_eff·wd·p, decay proportional to lr squared (the 2026 record)
+    weight_decay_mode: str = "decoupled"
+    # Adam steps every N optimizer steps (at steps N-1, 2N-1, ...) on the sum of the N steps'
+    # gradients, its bias correction counting its own updates (the 2026 record: 2)
+    adam_update_every: int = 1
     grad_clip: float = 1.0  # 0 disables
     schedule: str = "cosine"  # cosine | trapezoid (constant then linear cooldown)
     warmup_steps: int = 700
@@ -107,6 +126,7 @@ class DataConfig:
     val_tokens: int = 10485760
     val_seq_len: int = 1024
     bos_aligned: bool = False
+    max_doc_len: int = 0  # with bos_aligned: documents are cut to this many tokens (the tail dropped); 0: no limit
     # batch: a step's batch never spans two shards; when the next whole batch (and one more token)
     # does not fit, the rest of the shard is skipped, as the record's loader does.
     # sequence: only a sequence never spans two shards, so a batch may take the end of one shard
@@ -114,6 +134,21 @@ class DataConfig:
     shard_boundary: str = "batch"
     # a run needing more train tokens than the shards hold wraps around them; refused unless true
     allow_repeat: bool = False
+
+
+@dataclass
+class StageConfig:
+    """Training in stages (the 2026 record): the run's first `ends[-1]` steps are split at `ends`, and
+    the steps after the last end form one more, extension, stage. Every non-empty list has one entry
+    per stage, extension included, and replaces the unstaged key it names; empty lists and empty
+    `ends` leave the unstaged keys in force."""
+    ends: list[int] = field(default_factory=list)  # exclusive end step of each scheduled stage, ascending
+    lr: list[float] = field(default_factory=list)  # factor on every lr before the cooldown's floor (optim.final_lr_frac)
+    batch_tokens: list[int] = field(default_factory=list)  # global tokens per optimizer step (data.batch_tokens)
+    seq_len: list[int] = field(default_factory=list)  # tokens per sequence (data.seq_len)
+    max_doc_len: list[int] = field(default_factory=list)  # documents cut to this many tokens (data.max_doc_len)
+    windows: list[list[int]] = field(default_factory=list)  # [short, long] window in model.window_block blocks
+    final_windows: list[int] = field(default_factory=list)  # [short, long] blocks for the final validation
 
 
 @dataclass
@@ -136,10 +171,13 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    stages: StageConfig = field(default_factory=StageConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-SECTIONS = ("model", "optim", "data", "train")
+SECTIONS = ("model", "optim", "data", "stages", "train")
+# The optimizer roles parameters are sorted into (GPT.param_groups), in the order of their groups.
+ROLES = ("hidden", "head", "embed", "scalar")
 
 # Version 2: the dataclass defaults are a plain GPT-2 and presets build on one another with `base`.
 # Version 1 (no `version` key; written before 2026-11-26): defaults were the 2025 speedrun recipe,
@@ -182,6 +220,11 @@ def _chain(name: str) -> list[tuple[str, dict]]:
 
 def _coerce(key: str, value, hint, where: str):
     origin = typing.get_origin(hint)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: '{key}' must be a table such as {{head = ...}}, got {value!r}")
+        _, item = typing.get_args(hint)
+        return {str(k): _coerce(f"{key}.{k}", v, item, where) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}")
@@ -222,7 +265,7 @@ def _apply(cfg: Config, table: dict, where: str) -> None:
         if key in ("base", "preset", "version"):  # read by _layers
             continue
         if key not in SECTIONS or not isinstance(value, dict):
-            raise ConfigError(f"{where}: unknown key '{key}'; expected a [model], [optim], [data] or [train] table")
+            raise ConfigError(f"{where}: unknown key '{key}'; expected a [model], [optim], [data], [stages] or [train] table")
         section = getattr(cfg, key)
         hints = typing.get_type_hints(type(section))
         for sub, subvalue in value.items():
@@ -343,6 +386,12 @@ def scale_steps(cfg: Config, steps: int) -> None:
         raise ConfigError(f"--steps must be positive, got {steps}")
     ratio = steps / cfg.train.steps
     cfg.optim.muon_momentum_warmup_steps = round(cfg.optim.muon_momentum_warmup_steps * ratio)
+    cfg.optim.muon_momentum_cooldown_steps = round(cfg.optim.muon_momentum_cooldown_steps * ratio)
+    # Stage ends keep their fraction of the run, and stay ascending and at least one step apart.
+    ends = []
+    for end in cfg.stages.ends:
+        ends.append(min(steps, max(round(end * ratio), ends[-1] + 1 if ends else 1)))
+    cfg.stages.ends = ends
     cfg.optim.warmup_steps = round(cfg.optim.warmup_steps * ratio)
     if cfg.train.val_every > 0:
         cfg.train.val_every = max(1, round(cfg.train.val_every * ratio))
@@ -360,7 +409,11 @@ _CHOICES = {
     ("model", "activation_dtype"): ("auto", "bfloat16", "float32"),
     ("data", "shard_boundary"): ("batch", "sequence"),
     ("optim", "schedule"): ("trapezoid", "cosine"),
-    ("optim", "hidden_optimizer"): ("muon", "adam"),
+    ("optim", "hidden_optimizer"): ("muon", "normuon", "adam"),
+    ("optim", "orthogonalizer"): ("newton_schulz", "polar_express"),
+    ("optim", "qk_blocks"): ("matrix", "head_pair"),
+    ("optim", "weight_decay_mode"): ("decoupled", "cautious"),
+    ("optim", "hidden_weight_dtype"): ("float32", "bfloat16"),
     ("train", "device"): ("auto", "cpu", "cuda"),
 }
 
@@ -392,6 +445,8 @@ def validate(cfg: Config) -> None:
                           f"for all L, got '{m.long_short_pattern}'")
     _validate_model_shapes(m)
     _validate_ranges(cfg)
+    _validate_stages(cfg)
+    _validate_optim(cfg.optim)
     if m.value_embeds * 2 > m.n_layer:
         raise ConfigError(f"'model.value_embeds' ({m.value_embeds}) needs at least twice as many layers, got {m.n_layer}")
     if m.positional == "learned" and d.seq_len > m.max_seq_len:
@@ -420,13 +475,69 @@ def _validate_model_shapes(m: ModelConfig) -> None:
                           "0 < window_min <= window_max")
 
 
+def _validate_optim(o: OptimConfig) -> None:
+    """Switches that only NorMuon reads, refused with any other optimizer rather than ignored (Muon
+    stays the 2025 record's; cautious decay is also Adam's, so only Muon refuses it)."""
+    for key, value, default in (("hidden_weight_dtype", o.hidden_weight_dtype, "float32"),
+                                ("qk_blocks", o.qk_blocks, "matrix"), ("lr_mul_mlp_out", o.lr_mul_mlp_out, 1.0)):
+        if value != default and o.hidden_optimizer != "normuon":
+            raise ConfigError(f"'optim.{key}' = {value} needs optim.hidden_optimizer = normuon "
+                              f"(got {o.hidden_optimizer})")
+    if o.weight_decay_mode == "cautious" and o.hidden_optimizer == "muon":
+        raise ConfigError("'optim.weight_decay_mode' = cautious needs optim.hidden_optimizer = normuon or adam "
+                          "(Muon decays as torch.optim.Muon does)")
+
+
+def _validate_stages(cfg: Config) -> None:
+    s, t = cfg.stages, cfg.train
+    lists = {k: getattr(s, k) for k in ("lr", "batch_tokens", "seq_len", "max_doc_len", "windows")}
+    if not s.ends:
+        named = [k for k, v in lists.items() if v]
+        if named:
+            raise ConfigError(f"'stages.{named[0]}' needs 'stages.ends' (the step each stage ends at)")
+    elif any(b <= a for a, b in zip([0, *s.ends], s.ends)) or s.ends[-1] > t.steps:
+        raise ConfigError(f"'stages.ends' must be ascending steps in 1..train.steps ({t.steps}), got {s.ends}")
+    for key, values in lists.items():
+        if values and len(values) != len(s.ends) + 1:
+            raise ConfigError(f"'stages.{key}' must have {len(s.ends) + 1} entries (one per stage in stages.ends and "
+                              f"one for the extension stage after it), got {len(values)}")
+    pairs = [("stages.windows", w) for w in s.windows] + ([("stages.final_windows", s.final_windows)] if s.final_windows else [])
+    for name, pair in pairs:
+        if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
+            raise ConfigError(f"'{name}' entries must be [short, long] in blocks with 0 < short <= long, got {pair}")
+    if (s.windows or s.final_windows) and not cfg.model.sliding_window:
+        raise ConfigError("'stages.windows' and 'stages.final_windows' need model.sliding_window = true")
+    for name, values in (("lr", s.lr), ("batch_tokens", s.batch_tokens), ("seq_len", s.seq_len)):
+        if any(v <= 0 for v in values):
+            raise ConfigError(f"'stages.{name}' entries must be positive, got {values}")
+    if any(v < 0 for v in s.max_doc_len) or cfg.data.max_doc_len < 0:
+        raise ConfigError("'data.max_doc_len' and 'stages.max_doc_len' must be zero (no limit) or positive")
+    m = cfg.model
+    for seq in s.seq_len:
+        if m.attention == "flex" and seq % m.window_block:
+            raise ConfigError(f"'stages.seq_len' ({seq}) must be a multiple of model.window_block ({m.window_block}) "
+                              "for flex attention")
+        if m.positional == "learned" and seq > m.max_seq_len:
+            raise ConfigError(f"'stages.seq_len' ({seq}) exceeds model.max_seq_len ({m.max_seq_len}) for learned positions")
+    if (s.max_doc_len or cfg.data.max_doc_len) and not cfg.data.bos_aligned:
+        raise ConfigError("a maximum document length needs data.bos_aligned = true")
+    for tokens, seq in zip(s.batch_tokens or [cfg.data.batch_tokens] * (len(s.ends) + 1),
+                           s.seq_len or [cfg.data.seq_len] * (len(s.ends) + 1)):
+        if tokens % (seq * cfg.data.micro_batch_seqs):
+            raise ConfigError(f"'stages.batch_tokens' ({tokens}) must be a multiple of the stage's sequence length × "
+                              f"data.micro_batch_seqs ({seq * cfg.data.micro_batch_seqs})")
+
+
 def _validate_ranges(cfg: Config) -> None:
     """Numbers outside the range where they mean anything: learning rates and other magnitudes must
     not be negative, fractions lie in [0, 1] and momenta and betas in [0, 1)."""
     o, m = cfg.optim, cfg.model
     checks = [(f"optim.{k}", getattr(o, k), 0.0, None) for k in
               ("lr_hidden", "lr_head", "lr_embed", "lr_scalar", "weight_decay", "grad_clip")]
-    checks += [(f"optim.{k}", getattr(o, k), 0, None) for k in ("warmup_steps", "muon_momentum_warmup_steps")]
+    checks += [(f"optim.{k}", getattr(o, k), 0, None) for k in ("warmup_steps", "muon_momentum_warmup_steps",
+                                                                "muon_momentum_cooldown_steps")]
+    checks += [("optim.adam_update_every", o.adam_update_every, 1, None), ("optim.lr_mul_mlp_out", o.lr_mul_mlp_out, 0.0, None)]
+    checks += [(f"optim.role_weight_decay.{k}", v, 0.0, None) for k, v in o.role_weight_decay.items()]
     checks += [(f"optim.{k}", getattr(o, k), 0.0, 1.0) for k in ("cooldown_frac", "final_lr_frac")]
     checks += [("model.logit_softcap", m.logit_softcap, 0.0, None), ("model.attn_scale", m.attn_scale, 0.0, None),
                ("optim.ns_steps", o.ns_steps, 1, None)]
@@ -436,6 +547,14 @@ def _validate_ranges(cfg: Config) -> None:
             raise ConfigError(f"'{name}' must be {where}, got {value}")
     below_one = [("optim.muon_momentum", o.muon_momentum), ("optim.muon_momentum_start", o.muon_momentum_start)]
     below_one += [(f"optim.adam_betas[{i}]", b) for i, b in enumerate(o.adam_betas)]
+    below_one += [(f"optim.role_adam_betas.{k}[{i}]", b) for k, v in o.role_adam_betas.items() for i, b in enumerate(v)]
+    below_one += [("optim.normuon_beta2", o.normuon_beta2)]
+    for key in ("role_weight_decay", "role_adam_betas"):
+        unknown = sorted(set(getattr(o, key)) - set(ROLES))
+        if unknown:
+            raise ConfigError(f"'optim.{key}' names unknown role '{unknown[0]}'; roles are {', '.join(ROLES)}")
+    if any(len(v) != 2 for v in o.role_adam_betas.values()):
+        raise ConfigError(f"'optim.role_adam_betas' entries must be two numbers, got {o.role_adam_betas}")
     for name, value in below_one:
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"'{name}' must be in [0, 1), got {value}")
@@ -446,17 +565,6 @@ def _validate_ranges(cfg: Config) -> None:
     for name, value in positive:
         if value <= 0:
             raise ConfigError(f"'{name}' must be positive, got {value}")
-
-
-def grad_accum_steps(cfg: Config, world_size: int) -> int:
-    """Micro-steps per optimizer step on each rank, so that the global batch never depends on W."""
-    per_micro = cfg.data.seq_len * cfg.data.micro_batch_seqs * world_size
-    if cfg.data.batch_tokens % per_micro:
-        raise ConfigError(
-            f"'data.batch_tokens' ({cfg.data.batch_tokens}) is not divisible by world size {world_size} × "
-            f"data.seq_len {cfg.data.seq_len} × data.micro_batch_seqs {cfg.data.micro_batch_seqs}; "
-            "choose a world size or micro-batch that divides the global batch")
-    return cfg.data.batch_tokens // per_micro
 
 
 def to_dict(cfg: Config) -> dict:
@@ -472,6 +580,8 @@ def to_toml(cfg: Config) -> str:
             return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
         if isinstance(v, list):
             return "[" + ", ".join(fmt(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {fmt(x)}" for k, x in v.items()) + "}"
         return repr(v)
 
     d = to_dict(cfg)

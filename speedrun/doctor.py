@@ -346,12 +346,15 @@ def check_distributed(ctx: Context) -> Iterator[Line]:
 
 
 def check_batch(ctx: Context) -> Iterator[Line]:
-    from speedrun.config import grad_accum_steps
+    from speedrun.stages import grad_accum, shape_steps, step_plan
 
     d = ctx.cfg.data
-    accum = grad_accum_steps(ctx.cfg, ctx.world_size)
-    yield OK, (f"batch: {d.batch_tokens:,} tokens per step = world size {ctx.world_size} × {d.micro_batch_seqs} "
-               f"sequence(s) × seq_len {d.seq_len:,} × {accum} grad accumulation step(s)")
+    for step in shape_steps(ctx.cfg):
+        plan = step_plan(step, ctx.cfg)
+        accum = grad_accum(plan, ctx.cfg, ctx.world_size)
+        when = f" from step {step}" if ctx.cfg.stages.ends else ""
+        yield OK, (f"batch{when}: {plan.batch_tokens:,} tokens per step = world size {ctx.world_size} × "
+                   f"{d.micro_batch_seqs} sequence(s) × seq_len {plan.seq_len:,} × {accum} grad accumulation step(s)")
 
 
 # -- 7. data ----------------------------------------------------------------------------------------

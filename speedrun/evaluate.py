@@ -115,7 +115,7 @@ def ending_losses(model: GPT, ctx: str, endings: list[str], window: int) -> tupl
         scored[i, len(context):len(context) + len(end)] = True
     rows, scored = rows.to(device), scored.to(device)
     targets = rows[:, 1:]
-    logits = model(rows[:, :-1], window_tokens=window)
+    logits = model(rows[:, :-1], **window.kwargs())
     # over (N, vocab) rows: CPU's kernel for the (B, vocab, T) layout sums less accurately, by ~1e-4
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
     total = (ce * scored[:, 1:]).sum(1)
@@ -156,13 +156,14 @@ def token_bytes() -> torch.Tensor:
 
 
 @torch.no_grad()
-def loss_sums(forward, batches, window, device: torch.device) -> torch.Tensor:
+def loss_sums(forward, batches, windows: dict, device: torch.device) -> torch.Tensor:
     """The loss summed over every target token of `batches` (each batch's mean loss times its
     token count), and the token count, as one float64 tensor on `device`. Sums rather than a mean,
-    so that ranks' shares add up in one all-reduce; nothing here waits for the device."""
+    so that ranks' shares add up in one all-reduce; nothing here waits for the device. `windows`:
+    the forward's window arguments (Windows.kwargs())."""
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     for inputs, targets in batches:
-        loss = forward(inputs, targets, window_tokens=window)
+        loss = forward(inputs, targets, **windows)
         sums[0] += loss.double() * targets.numel()
         sums[1] += targets.numel()
     return sums
@@ -202,7 +203,7 @@ def shard_loss(path: str, data: str, tokens: int | None = None, seq_len: int | N
             yield inputs, targets
 
     batches = counting_bytes(val_batches(files, val_tokens=tokens, seq_len=seq_len, device=device))
-    nats, count = loss_sums(forward, batches, window, device).tolist()
+    nats, count = loss_sums(forward, batches, window.kwargs(), device).tolist()
     n_bytes = int(n_bytes)
     return {"loss": nats / count, "bits_per_byte": nats / math.log(2) / n_bytes, "tokens": int(count),
             "bytes": n_bytes, "shards": [str(f) for f in files]}

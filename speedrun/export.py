@@ -33,8 +33,8 @@ model = from_pretrained("{name}")  # speedrun.model.GPT, eval mode, float32
 logits = model(tokens)  # tokens: (B, T) GPT-2 token ids, each document starting with 50256
 ```
 
-The model attends within a window of {window} tokens, as at the end of training; pass
-`window_tokens={window}` to `model(...)` to match. Or, from the command line:
+The model attends within the windows it was last validated with; pass
+`{window}` to `model(...)` to match. Or, from the command line:
 `speedrun sample {name} --prompt "..."`, `speedrun eval hellaswag {name}`.
 """
 
@@ -48,7 +48,7 @@ def export(path: str | Path, out: str | Path) -> Path:
     save_model(model, str(out / WEIGHTS))
     (out / CONFIG).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     (out / "README.md").write_text(README.format(name=out.name, description=cfg.description or "custom config",
-                                                 window=final_window(cfg)))
+                                                 window=", ".join(f"{k}={v}" for k, v in final_window(cfg).kwargs().items() if v is not None)))
     return out
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from speedrun.attention import NO_WINDOW, SHRINK, document_ids, farthest_key, mask_rule, window_rule_block
+from speedrun.attention import NO_WINDOW, Windows, document_ids, farthest_key, letter_windows, mask_rule, window_rule_block
 from speedrun.config import ModelConfig
 from speedrun.model import GPT
 
@@ -36,9 +36,10 @@ class KVCache:
     count from the first call's first token, so the logits equal those of one uncached forward over
     the whole sequence. The window is fixed here because keys it has let go of cannot come back."""
 
-    def __init__(self, cfg: ModelConfig, window: int = NO_WINDOW):
-        self.cfg, self.window, self.block = cfg, window, window_rule_block(cfg)
-        self.keep = {letter: farthest_key(window, shrink, self.block) for letter, shrink in SHRINK.items()}
+    def __init__(self, cfg: ModelConfig, windows: Windows = Windows(NO_WINDOW)):
+        self.cfg, self.block = cfg, window_rule_block(cfg)
+        self.windows = letter_windows(*windows)
+        self.keep = {letter: farthest_key(size, shrink, self.block) for letter, (size, shrink) in self.windows.items()}
         self.layers = [LayerCache(self.keep[cfg.window_letter(i)]) for i in range(cfg.n_layer)]
         self.tokens: Tensor | None = None  # every token so far: document ids count BOS from the start
 
@@ -56,10 +57,10 @@ class KVCache:
         queries = torch.arange(past, self.tokens.size(1), device=device)[:, None]
         b = torch.arange(idx.size(0) if docs is not None else 1, device=device)[:, None, None, None]
         masks = {}
-        for letter, shrink in SHRINK.items():
+        for letter, (size, shrink) in self.windows.items():
             held = min(past, self.keep[letter])
             keys = torch.arange(past - held, self.tokens.size(1), device=device)[None, :]
-            masks[letter] = mask_rule(docs, self.window, shrink, self.block)(b, 0, queries, keys)
+            masks[letter] = mask_rule(docs, size, shrink, self.block)(b, 0, queries, keys)
         return masks
 
 
@@ -76,11 +77,11 @@ def next_token(logits: Tensor, temperature: float, top_k: int | None, generator:
 
 
 @torch.no_grad()
-def generate(model: GPT, prompt: Tensor, max_tokens: int, window: int, temperature: float = 0.0,
+def generate(model: GPT, prompt: Tensor, max_tokens: int, windows: Windows, temperature: float = 0.0,
              top_k: int | None = None, generator: torch.Generator | None = None) -> Iterator[int]:
     """Yield up to `max_tokens` tokens following `prompt` (B=1, T) one at a time: the prompt is fed
     once, then each new token alone, over a KV cache."""
-    cache = KVCache(model.cfg, window)
+    cache = KVCache(model.cfg, windows)
     new = prompt
     for _ in range(max_tokens):
         new = next_token(model(new, cache=cache)[:, -1], temperature, top_k, generator)

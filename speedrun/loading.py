@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_model as load_weights
 
 from speedrun import checkpoint
-from speedrun.attention import window_tokens
+from speedrun.attention import Windows
+from speedrun.stages import final_windows
 from speedrun.config import Config, from_dict
 from speedrun.distributed import pick_device
 from speedrun.errors import DataError, UsageError, first_line
@@ -68,6 +69,6 @@ def load_model(path: str | Path, device: str | torch.device = "auto") -> tuple[C
     return cfg, _build(cfg, weights, device)
 
 
-def final_window(cfg: Config) -> int:
-    """The attention window the run ended with, which is the one its weights are best at."""
-    return window_tokens(cfg.train.steps, cfg.train.steps, cfg.model)
+def final_window(cfg: Config) -> Windows:
+    """The attention windows of the run's final validation, which its weights are best at."""
+    return Windows(*final_windows(cfg))

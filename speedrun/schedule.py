@@ -1,5 +1,6 @@
-"""`speedrun schedule`: every scheduled quantity of a preset at every step (lr multiplier, Muon
-momentum, long and short attention windows, tokens per step, sequence length), as a table, JSON or
+"""`speedrun schedule`: every scheduled quantity of a preset at every step (stage, lr multiplier,
+Muon momentum, long and short attention windows, tokens per step, sequence length, maximum
+document length), as a table, JSON or
 a figure, computed from the same functions training calls, so a recipe can be read at a glance
 and checked against the record without a GPU.
 
@@ -13,29 +14,32 @@ import argparse
 import json
 from pathlib import Path
 
-from speedrun.attention import NO_WINDOW, SHRINK, window_blocks, window_tokens
+from speedrun.attention import NO_WINDOW, SHRINK, window_blocks
 from speedrun.config import Config, load_config, scale_steps
 from speedrun.errors import SpeedrunError, UsageError
-from speedrun.optim import lr_multiplier, muon_momentum
+from speedrun.optim import schedule_at
+from speedrun.stages import step_plan, window_at
 
 # Quantities that move linearly (or smoothly) between steps, and those that jump in steps.
 RAMPS = ("lr", "muon_momentum")
 STEPPED = ("window_long_tokens", "window_long_blocks", "window_short_tokens", "window_short_blocks",
-           "tokens_per_step", "seq_len")
+           "tokens_per_step", "seq_len", "max_doc_len", "stage")
 # A ramp with more kinks than this is a smooth curve (cosine), not a few linear pieces.
 MAX_KINKS = 20
 # A smooth curve is printed each time it has moved this fraction of its range.
 SMOOTH_STEP = 0.05
 
 
-def _windows(step: int, total: int, cfg: Config) -> dict:
+def _windows(step: int, cfg: Config) -> dict:
     """Long and short (S-layer) windows at `step`; None tokens means full attention."""
     m = cfg.model
-    long = window_tokens(step, total, m)
+    long, short = window_at(step, cfg)
     if long >= NO_WINDOW:
         return dict.fromkeys(STEPPED[:4])
     block = m.window_block
-    if m.window_granularity == "block":
+    if short is not None:  # set by the stages
+        short_blocks = short // block
+    elif m.window_granularity == "block":
         short_blocks = window_blocks(long, block, SHRINK["S"])
         short = short_blocks * block
     else:
@@ -48,17 +52,15 @@ def _windows(step: int, total: int, cfg: Config) -> dict:
 
 def schedule_rows(cfg: Config) -> list[dict]:
     """One dict per step 0 .. cfg.train.steps, with every scheduled quantity."""
-    total = cfg.train.steps
     rows = []
-    for step in range(total + 1):
+    for step in range(cfg.train.steps + 1):
+        lr, momentum = schedule_at(step, cfg)
+        plan = step_plan(step, cfg)
         rows.append({
-            "step": step,
-            "lr": lr_multiplier(step, total, cfg.optim),
-            "muon_momentum": muon_momentum(step, cfg.optim) if cfg.optim.hidden_optimizer == "muon" else None,
-            **_windows(step, total, cfg),
-            # Constant today; per step so that batch-size or sequence-length schedules fit later.
-            "tokens_per_step": cfg.data.batch_tokens,
-            "seq_len": cfg.data.seq_len,
+            "step": step, "stage": plan.stage, "lr": lr,
+            "muon_momentum": momentum if cfg.optim.hidden_optimizer in ("muon", "normuon") else None,
+            **_windows(step, cfg),
+            "tokens_per_step": plan.batch_tokens, "seq_len": plan.seq_len, "max_doc_len": plan.max_doc_len,
         })
     return rows
 
@@ -120,10 +122,16 @@ def _header(label: str, total: int, every: int | None, smooth: list[str], cfg: C
         between += "".join(f"; {k} is a smooth curve, shown each time it moves {SMOOTH_STEP:.0%} of its range"
                            for k in smooth)
         which = ["rows where a value changes", between]
-    windows = (f"windows in tokens (blocks of {m.window_block}), {m.window_schedule} schedule, "
+    rule = "set per stage" if cfg.stages.windows else f"{m.window_schedule} schedule"
+    windows = (f"windows in tokens (blocks of {m.window_block}), {rule}, "
                f"{m.window_granularity} granularity; S layers use the short window" if m.sliding_window
                else "no sliding window: every layer attends to the whole sequence")
-    return [f"{label}: {total} steps; {which[0]}; row {total} is the final validation", *which[1:], windows]
+    lines = [f"{label}: {total} steps; {which[0]}; row {total} is the final validation", *which[1:], windows]
+    if cfg.stages.ends:
+        ends = cfg.stages.ends
+        lines.append(f"stages end at steps {', '.join(map(str, ends))}; steps {ends[-1]}..{total - 1} are the "
+                     f"extension stage {len(ends)}; the lr cooldown spans the first {ends[-1]} steps")
+    return lines
 
 
 def format_table(label: str, rows: list[dict], every: int | None, cfg: Config) -> str:
@@ -133,15 +141,15 @@ def format_table(label: str, rows: list[dict], every: int | None, cfg: Config) -
     else:
         steps, smooth = change_rows(rows)
     lines = [*_header(label, total, every, smooth, cfg),
-             f"{'step':>6} {'lr':>7} {'momentum':>8} {'long window':>12} {'short window':>12} "
-             f"{'tokens/step':>12} {'seq len':>8}"]
+             f"{'step':>6} {'stage':>5} {'lr':>7} {'momentum':>8} {'long window':>12} {'short window':>12} "
+             f"{'tokens/step':>12} {'seq len':>8} {'max doc':>7}"]
     for s in steps:
         r = rows[s]
         mom = f"{r['muon_momentum']:.4f}" if r["muon_momentum"] is not None else "—"
-        lines.append(f"{s:>6} {r['lr']:>7.4f} {mom:>8} "
+        lines.append(f"{s:>6} {r['stage']:>5} {r['lr']:>7.4f} {mom:>8} "
                      f"{_window_cell(r['window_long_tokens'], r['window_long_blocks']):>12} "
                      f"{_window_cell(r['window_short_tokens'], r['window_short_blocks']):>12} "
-                     f"{r['tokens_per_step']:>12,} {r['seq_len']:>8,}")
+                     f"{r['tokens_per_step']:>12,} {r['seq_len']:>8,} {r['max_doc_len'] or '—':>7}")
     return "\n".join(lines)
 
 

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 from speedrun import analysis, checkpoint, rundir
-from speedrun.attention import attention_backend, window_tokens
-from speedrun.config import SECTIONS, Config, grad_accum_steps, load_config, scale_steps, to_dict, to_toml, validate
+from speedrun.attention import attention_backend
+from speedrun.config import SECTIONS, Config, load_config, scale_steps, to_dict, to_toml, validate
 from speedrun.data import shards
 from speedrun.data.corpus import builtin_corpus_dir
 from speedrun.data.loader import TrainLoader, find_shards, val_batches, val_fingerprint
@@ -30,7 +30,8 @@ from speedrun.errors import DataError, SpeedrunError, UsageError, first_line
 from speedrun.evaluate import loss_sums
 from speedrun.model import GPT
 from speedrun.prepare import fp8_supported, prepare
-from speedrun.optim import apply_schedule, build_optimizers, lr_multiplier
+from speedrun.optim import apply_schedule, build_optimizers, schedule_at
+from speedrun.stages import grad_accum, shape_steps, step_plan, tokens_before, window_at
 from speedrun.runlog import RunLog, device_description, mfu, peak_flops, peak_memory_mib
 
 
@@ -90,7 +91,7 @@ def tokens_needed(cfg: Config) -> tuple[int, int]:
     """(train, val) tokens a run reads: every step's batch once, and whole val sequences plus the
     one token the last target needs (as val_batches reads them)."""
     d = cfg.data
-    return cfg.train.steps * d.batch_tokens, d.val_tokens // d.val_seq_len * d.val_seq_len + 1
+    return tokens_before(cfg.train.steps, cfg), d.val_tokens // d.val_seq_len * d.val_seq_len + 1
 
 
 def check_run_data(cfg: Config) -> None:
@@ -102,7 +103,7 @@ def check_run_data(cfg: Config) -> None:
     needed, val_needed = tokens_needed(cfg)
     held = sum(shards.read_header(f) for f in train_files)
     if held < needed and not d.allow_repeat:
-        raise DataError(f"{data_dir}: the train shards hold {held:,} tokens but {steps} steps × {d.batch_tokens:,} "
+        raise DataError(f"{data_dir}: the train shards hold {held:,} tokens but {steps} steps "
                         f"need {needed:,}, {needed / max(held, 1):.1f} passes over the data; allow repeating them "
                         "with --set data.allow_repeat=true")
     val_held = sum(shards.read_header(f) for f in val_files)
@@ -213,14 +214,19 @@ class Trainer:
         torch.use_deterministic_algorithms(self.device.type == "cpu")
         torch.manual_seed(cfg.train.seed)
         self.data_dir, train_files, self.val_files = _data_files(cfg)
-        self.accum = grad_accum_steps(cfg, rt.world_size)
+        for step in shape_steps(cfg):  # every stage's batch must divide over the ranks, checked before any work
+            grad_accum(step_plan(step, cfg), cfg, rt.world_size)
+        first = step_plan(0, cfg)
+        self.accum = grad_accum(first, cfg, rt.world_size)
         self.model = GPT(cfg.model)
+        # The FP8 gradient scale is fixed for the run, as in the record, at the first stage's batch.
         self.forward = prepare(self.model, cfg, self.device, "train", self.accum * cfg.data.micro_batch_seqs)
         broadcast_parameters(self.model)
         self.optimizers = build_optimizers(self.model.param_groups(), cfg.optim, fused=self.device.type == "cuda")
         self.grads = GradientAverager(list(self.model.parameters()), rt.world_size)
-        self.loader = TrainLoader(train_files, seq_len=cfg.data.seq_len, micro_batch_seqs=cfg.data.micro_batch_seqs,
-                                  batch_tokens=cfg.data.batch_tokens, rank=rt.rank, world_size=rt.world_size,
+        self.loader = TrainLoader(train_files, seq_len=first.seq_len, micro_batch_seqs=cfg.data.micro_batch_seqs,
+                                  batch_tokens=first.batch_tokens, max_doc_len=first.max_doc_len,
+                                  rank=rt.rank, world_size=rt.world_size,
                                   bos_aligned=cfg.data.bos_aligned, shard_boundary=cfg.data.shard_boundary,
                                   device=self.device, seed=cfg.train.seed)
         self.step = 0
@@ -241,62 +247,83 @@ class Trainer:
         """A checkpoint of this step in `run_dir`, keeping the newest `train.keep`."""
         checkpoint.save(run_dir, self.model, self.optimizers, self.state(), self.cfg, self.rt, keep=self.cfg.train.keep)
 
-    def _window(self, step: int) -> torch.Tensor:
-        """The window as a device tensor, not an int, so a compiled model does not recompile as it
+    def _window_tensor(self, tokens: int | None) -> torch.Tensor | None:
+        """A window as a device tensor, not an int, so a compiled model does not recompile as it
         grows; one tensor per value, copied once from pinned memory without blocking the host."""
-        tokens = window_tokens(step, self.cfg.train.steps, self.cfg.model)
+        if tokens is None:
+            return None
         if tokens not in self._windows:
             host = torch.tensor(tokens, dtype=torch.int32, pin_memory=self.device.type == "cuda")
             self._windows[tokens] = host.to(self.device, non_blocking=True)
         return self._windows[tokens]
 
+    def _windows_at(self, step: int) -> dict:
+        """The forward's window arguments at `step` (step == train.steps: the final validation)."""
+        long, short = window_at(step, self.cfg)
+        return {"window_tokens": self._window_tensor(long), "short_window": self._window_tensor(short)}
+
     # -- one optimizer step ---------------------------------------------------------------------
     def train_step(self, step: int) -> torch.Tensor:
         """One optimizer step; returns this rank's mean loss as a device tensor, so that nothing
         here waits for the device (losses are fetched in batches, see StepLog)."""
-        window = self._window(step)
+        plan = step_plan(step, self.cfg)
+        windows = self._windows_at(step)
+        accum = grad_accum(plan, self.cfg, self.rt.world_size)
         total = torch.zeros((), device=self.device)
-        for i, (inputs, targets) in enumerate(self.loader.next_batch()):
-            self.grads.sync = i == self.accum - 1
-            loss = self.forward(inputs, targets, window_tokens=window)
-            (loss / self.accum).backward()
+        batch = self.loader.next_batch(seq_len=plan.seq_len, batch_tokens=plan.batch_tokens, max_doc_len=plan.max_doc_len)
+        for i, (inputs, targets) in enumerate(batch):
+            self.grads.sync = i == accum - 1
+            loss = self.forward(inputs, targets, **windows)
+            (loss / accum).backward()
             total += loss.detach()
         self.grads.wait()
         if self.cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        apply_schedule(self.optimizers, step, self.cfg.train.steps, self.cfg.optim)
+        apply_schedule(self.optimizers, step, self.cfg)
         for opt in self.optimizers:
             opt.step()
         self.model.zero_grad(set_to_none=True)
-        return total / self.accum
+        return total / accum
 
     def validate(self, step: int) -> float:
         """The mean loss per token over the whole val set, every rank scoring its share of it."""
         self.model.eval()
-        window = self._window(step)
         batches = val_batches(self.val_files, val_tokens=self.cfg.data.val_tokens, seq_len=self.cfg.data.val_seq_len,
                               rank=self.rt.rank, world_size=self.rt.world_size, device=self.device)
-        sums = all_reduce_sum(loss_sums(self.forward, batches, window, self.device))
+        sums = all_reduce_sum(loss_sums(self.forward, batches, self._windows_at(step), self.device))
         self.model.train()
         return (sums[0] / sums[1]).item()
 
-    def warm_up(self, steps: int) -> float:
-        """Run `steps` real steps to trigger compilation and allocator growth, then put model,
-        optimizers and loader back as they were."""
-        if steps <= 0:
-            return 0.0
+    def warm_up_steps(self, steps: int) -> list[int]:
+        """The steps a warm-up of `steps` per shape runs: that many from this step, and from the first
+        step of every later batch shape (the stages'), so that no compile lands on the clock.
+        Validation needs none: it is off the clock."""
+        starts, shapes = [], set()
+        for start in [self.step, *(s for s in shape_steps(self.cfg) if s > self.step)]:
+            plan = step_plan(start, self.cfg)
+            if (plan.seq_len, plan.batch_tokens) not in shapes:
+                shapes.add((plan.seq_len, plan.batch_tokens))
+                starts += range(start, min(start + steps, self.cfg.train.steps))
+        return starts
+
+    def warm_up(self, steps: int) -> tuple[int, float]:
+        """Run the real steps of `warm_up_steps(steps)` to trigger compilation and allocator growth,
+        then put model, optimizers and loader back as they were; returns (steps run, seconds)."""
+        todo = self.warm_up_steps(steps)
+        if not todo:
+            return 0, 0.0
         snapshot = (copy.deepcopy(self.model.state_dict()), [copy.deepcopy(o.state_dict()) for o in self.optimizers],
                     self.loader.state_dict())
         watch = Stopwatch(self.device)
         watch.start()
-        for i in range(steps):
-            self.train_step(self.step + i)
+        for step in todo:
+            self.train_step(step)
         seconds = watch.stop() / 1000
         self.model.load_state_dict(snapshot[0])
         for opt, state in zip(self.optimizers, snapshot[1]):
             opt.load_state_dict(state)
         self.loader.load_state_dict(snapshot[2])
-        return seconds
+        return len(todo), seconds
 
 
 class StepLog:
@@ -311,8 +338,8 @@ class StepLog:
         if trainer.rt.is_main and sys.stderr.isatty():
             from tqdm import tqdm
             self.progress = tqdm(total=cfg.train.steps, initial=trainer.step, unit="step", dynamic_ncols=True)
-        self.steps, self.tokens_per_step = cfg.train.steps, cfg.data.batch_tokens
-        self.flops = trainer.model.flops_per_token(cfg.data.seq_len)
+        self.steps = cfg.train.steps
+        self.flops = trainer.model.flops_per_token(step_plan(cfg.train.steps - 1, cfg).seq_len)
         self.peak = peak_flops(trainer.device)
         self.pending: list[torch.Tensor] = []
 
@@ -337,9 +364,10 @@ class StepLog:
             self.progress.set_postfix(loss=f"{losses[-1]:.3f}")
 
     def _write(self, step: int, loss: float, now_ms: float) -> None:
-        record = {"step": step, "tokens": step * self.tokens_per_step, "train_time_ms": round(now_ms, 3),
-                  "train_loss": loss, "lr": lr_multiplier(step - 1, self.steps, self.trainer.cfg.optim)}
-        tokens_per_s = step * self.tokens_per_step / (now_ms / 1000) if now_ms > 0 else 0.0
+        tokens = tokens_before(step, self.trainer.cfg)
+        record = {"step": step, "tokens": tokens, "train_time_ms": round(now_ms, 3),
+                  "train_loss": loss, "lr": schedule_at(step - 1, self.trainer.cfg)[0]}
+        tokens_per_s = tokens / (now_ms / 1000) if now_ms > 0 else 0.0
         record["tokens_per_s"] = round(tokens_per_s, 1)
         utilisation = mfu(self.flops, tokens_per_s, self.peak, self.trainer.rt.world_size)
         if utilisation is not None:
@@ -351,7 +379,7 @@ class StepLog:
         avg = train_time_ms / max(step, 1)
         self.log.line(f"step:{step}/{self.steps} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
                       f"step_avg:{avg:.2f}ms", echo=self.progress is None and self.trainer.rt.is_main)
-        self.log.metrics({"step": step, "tokens": step * self.tokens_per_step, "train_time_ms": round(train_time_ms, 3),
+        self.log.metrics({"step": step, "tokens": tokens_before(step, self.trainer.cfg), "train_time_ms": round(train_time_ms, 3),
                           "val_loss": val_loss})
         if self.progress is not None:
             self.progress.set_postfix(val_loss=f"{val_loss:.4f}")
@@ -460,7 +488,7 @@ def _open_log(trainer: Trainer, run_dir: Path, options: RunOptions, resumed: lis
         log.header(rt.device, rt.world_size, [
             f"config: {trainer.label or 'custom'}  data: {trainer.data_dir}",
             f"parameters: {sum(p.numel() for p in trainer.model.parameters()):,}  grad_accum: {trainer.accum}  "
-            f"tokens/step: {cfg.data.batch_tokens:,}",
+            f"tokens/step: {step_plan(0, cfg).batch_tokens:,}" + ("  (at step 0; see `speedrun schedule`)" if cfg.stages.ends else ""),
             "path: " + "  ".join(f"{k}: {v}" for k, v in path.items() if k not in ("torch", "cuda", "device", "world_size")),
             *resumed,
         ])
@@ -469,9 +497,8 @@ def _open_log(trainer: Trainer, run_dir: Path, options: RunOptions, resumed: lis
 
 def _warm_up(trainer: Trainer, log: RunLog) -> float:
     cfg = trainer.cfg
-    steps = min(cfg.train.warmup_steps_untimed, cfg.train.steps)
     try:
-        warm = trainer.warm_up(steps)
+        steps, warm = trainer.warm_up(cfg.train.warmup_steps_untimed)
     except torch.OutOfMemoryError:
         raise SpeedrunError(
             f"out of memory at start-up with config '{trainer.label or 'custom'}': each device holds "
@@ -530,7 +557,7 @@ def _finish(trainer: Trainer, log: RunLog, run_dir: Path, val_loss: float, warm:
     trainer.save(run_dir)
     summary = {"config": trainer.label or "custom", "status": "finished", "final_val_loss": val_loss,
                "train_time_ms": round(trainer.train_time_ms, 3), "steps": cfg.train.steps,
-               "tokens": cfg.train.steps * cfg.data.batch_tokens, "world_size": rt.world_size,
+               "tokens": tokens_before(cfg.train.steps, cfg), "world_size": rt.world_size,
                "peak_memory_mib": round(peak_memory_mib(rt.device), 1), "warmup_s": round(warm, 2),
                "path": execution_path(trainer)}
     if rt.is_main:

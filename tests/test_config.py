@@ -7,7 +7,8 @@ from importlib import resources
 import pytest
 
 from speedrun import config
-from speedrun.config import (CONFIG_VERSION, Config, ConfigError, from_dict, grad_accum_steps, load_config, preset_names,
+from speedrun.stages import grad_accum, step_plan
+from speedrun.config import (CONFIG_VERSION, Config, ConfigError, from_dict, load_config, preset_names,
                              scale_steps, to_dict, to_toml)
 
 
@@ -23,7 +24,7 @@ def test_gpt2_speedrun_carries_the_record_numbers():
     cfg = load_config("gpt2-speedrun")
     assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.head_dim, cfg.model.model_dim) == (12, 6, 128, 768)
     assert cfg.data.batch_tokens == 393216 and cfg.train.steps == 1770
-    assert grad_accum_steps(cfg, 8) == 1 and grad_accum_steps(cfg, 1) == 8
+    assert grad_accum(step_plan(0, cfg), cfg, 8) == 1 and grad_accum(step_plan(0, cfg), cfg, 1) == 8
     assert cfg.optim.adam_betas == [0.8, 0.95] and cfg.optim.adam_eps == 1e-10
 
 
@@ -72,7 +73,7 @@ def test_scale_steps_keeps_schedule_fractions():
 def test_world_size_that_does_not_divide_the_batch_is_refused():
     cfg = load_config("gpt2-speedrun")
     with pytest.raises(ConfigError, match="not divisible by world size 3"):
-        grad_accum_steps(cfg, 3)
+        grad_accum(step_plan(0, cfg), cfg, 3)
 
 
 def test_cli_bad_value_is_one_line_and_exit_2():

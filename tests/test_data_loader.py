@@ -45,10 +45,11 @@ def rows(inputs, targets):
 
 
 def global_batches(group, steps):
-    """Per step, every sequence the ranks of `group` saw, ordered by (micro-step, rank)."""
+    """Per step, every sequence the ranks of `group` saw, ordered by (micro-step, rank). `steps`: a
+    count of steps of the loaders' own shape, or each step's next_batch arguments."""
     out = []
-    for _ in range(steps):
-        per_rank = [loader.next_batch() for loader in group]
+    for shape in [()] * steps if isinstance(steps, int) else steps:
+        per_rank = [loader.next_batch(*shape) for loader in group]
         ordered = [rows(*per_rank[r][a]) for a in range(len(per_rank[0])) for r in range(len(group))]
         out.append(torch.cat(ordered))
     return out
@@ -95,22 +96,6 @@ def test_bos_aligned_sequences_start_at_documents(train_files):
     assert seen == 80
 
 
-def test_bos_aligned_rule_skips_to_the_next_document_after_the_last_target(train_files):
-    (loader,) = loaders(train_files, 1, 8, bos_aligned=True)
-    stream = np.asarray(shards.read_shard(train_files[0]))
-    bos = np.flatnonzero(stream == EOT)
-    expected, start = [], bos[0]
-    while start + SEQ + 1 <= stream.size:
-        expected.append(start)
-        later = bos[bos >= start + SEQ]
-        if not later.size:
-            break
-        start = later[0]
-    batch = global_batches([loader], 1)[0].numpy()
-    for k, s in enumerate(expected[:8]):
-        assert np.array_equal(batch[k], stream[s:s + SEQ + 1])
-
-
 @pytest.mark.parametrize("boundary", ["sequence", "batch"])
 @pytest.mark.parametrize("bos_aligned", [False, True])
 def test_state_restores_the_exact_position_even_under_another_world_size(train_files, bos_aligned, boundary):
@@ -146,10 +131,16 @@ def test_state_from_another_setup_is_refused(train_files):
         loaders(train_files[:2], 1, 8, seed=1)[0].load_state_dict(state)
     with pytest.raises(UsageError, match="shard_boundary = sequence"):
         loaders(train_files, 1, 8, seed=1, shard_boundary="batch")[0].load_state_dict(state)
-    del state["shard_boundary"]  # a state saved before the option existed was "sequence"
-    loaders(train_files, 1, 8, seed=1)[0].load_state_dict(state)
+    with pytest.raises(DataError, match="unknown key 'sequence'"):
+        loaders(train_files, 1, 8, seed=1)[0].load_state_dict({**state, "sequence": 0})
+    # a version-1 state (the cursor as "sequence") saved before shard_boundary existed was "sequence"
+    old = {**{k: v for k, v in state.items() if k not in ("position", "max_doc_len", "shard_boundary")},
+           "version": 1, "sequence": 0}
+    loaders(train_files, 1, 8, seed=1)[0].load_state_dict(old)
     with pytest.raises(UsageError, match="shard_boundary"):
-        loaders(train_files, 1, 8, seed=1, shard_boundary="batch")[0].load_state_dict(state)
+        loaders(train_files, 1, 8, seed=1, shard_boundary="batch")[0].load_state_dict(old)
+    with pytest.raises(DataError, match="has version 3; this speedrun reads versions 1 and 2"):
+        loaders(train_files, 1, 8, seed=1)[0].load_state_dict({**state, "version": 3})
 
 
 def test_bad_layouts_and_too_short_shards(tmp_path, train_files):
@@ -220,7 +211,7 @@ def test_batch_boundary_resumes_mid_shard_under_another_world_size(position_file
     (original,) = loaders(position_files, 1, 8, seed=2, shard_boundary="batch")
     global_batches([original], 4)  # the next batch is the second of shard 3
     state = json.loads(json.dumps(original.state_dict()))
-    assert state["shard_boundary"] == "batch" and (state["shard"], state["sequence"]) == (3, 8)
+    assert state["shard_boundary"] == "batch" and (state["shard"], state["position"]) == (3, 128)
     expected = global_batches([original], 10)
     assert torch.equal(expected[0], expected_rows(3, 128))
     for world_size, micro in [(1, 8), (2, 4), (4, 1)]:
@@ -230,22 +221,59 @@ def test_batch_boundary_resumes_mid_shard_under_another_world_size(position_file
         assert all(torch.equal(a, b) for a, b in zip(expected, global_batches(resumed, 10)))
 
 
-def test_bos_aligned_batches_never_span_shards(train_files):
-    expected, remainders = [], []
-    for f in train_files:
-        # every BOS-aligned sequence start of this shard, as the single-shard sequence-mode stream yields them
-        starts = TrainLoader([f], seq_len=SEQ, micro_batch_seqs=1, batch_tokens=SEQ, bos_aligned=True)._load(0, 0).starts
-        stream = np.asarray(shards.read_shard(f), dtype=np.int32)
-        for b in range(len(starts) // 4):  # a remainder short of a batch is skipped
-            expected.append(np.stack([stream[s:s + SEQ + 1] for s in starts[4 * b:4 * b + 4]]))
-        remainders.append(len(starts) % 4)
-    assert any(remainders)  # so something is skipped
-    loader = TrainLoader(train_files, seq_len=SEQ, micro_batch_seqs=4, batch_tokens=4 * SEQ, bos_aligned=True,
-                         shard_boundary="batch")
-    for want in expected:
-        (pair,) = loader.next_batch()
-        assert np.array_equal(rows(*pair).numpy(), want)
-    assert loader.epoch == 0
+# (seq_len, batch_tokens) per step: the batch-size schedule of a staged run
+FLAT_SCHEDULE = [(SEQ, BATCH), (SEQ, BATCH), (2 * SEQ, BATCH), (SEQ // 2, BATCH // 2), (SEQ, 2 * BATCH), (SEQ, BATCH)]
+
+
+def flat_record_rows(schedule):
+    """The record's rule with each step's batch B and seq_len T, over epoch 0: move to the next
+    shard while pos + B + 1 >= len(shard); the step is tokens pos .. pos + B in windows of T + 1
+    tokens starting every T; pos advances by B."""
+    out, shard, pos = [], 0, 0
+    for seq_len, batch in schedule:
+        while pos + batch + 1 >= POSITION_SHARDS[shard]:
+            shard, pos = shard + 1, 0
+        windows = [1000 * shard + pos + k * seq_len + np.arange(seq_len + 1) for k in range(batch // seq_len)]
+        out.append(torch.from_numpy(np.stack(windows)))
+        pos += batch
+    return out
+
+
+def test_flat_batch_rule_with_a_shape_changing_at_every_step(position_files):
+    expected = flat_record_rows(FLAT_SCHEDULE)
+    for world_size, micro in [(1, 1), (1, 4), (2, 1), (2, 2), (4, 1)]:
+        group = loaders(position_files, world_size, micro, shard_boundary="batch")
+        got = global_batches(group, FLAT_SCHEDULE)
+        assert all(torch.equal(a, b) for a, b in zip(expected, got)), (world_size, micro)
+    assert group[0].epoch == 0 and group[0].state_dict()["shard"] == 3
+    (original,) = loaders(position_files, 1, 4, shard_boundary="batch")
+    global_batches([original], FLAT_SCHEDULE[:3])
+    resumed = loaders(position_files, 2, 2, shard_boundary="batch")
+    for loader in resumed:
+        loader.load_state_dict(json.loads(json.dumps(original.state_dict())))
+    assert all(torch.equal(a, b) for a, b in zip(expected[3:], global_batches(resumed, FLAT_SCHEDULE[3:])))
+
+
+def test_flat_sequence_rule_continues_where_a_shorter_seq_len_stopped(position_files):
+    (loader,) = loaders(position_files, 1, 1)
+    first, second = global_batches([loader], [(SEQ, BATCH), (2 * SEQ, BATCH)])
+    assert torch.equal(first, torch.from_numpy(np.stack([k * SEQ + np.arange(SEQ + 1) for k in range(8)])))
+    assert torch.equal(second, torch.from_numpy(np.stack([BATCH + k * 2 * SEQ + np.arange(2 * SEQ + 1)
+                                                          for k in range(4)])))
+
+
+def test_a_version_1_flat_state_resumes_at_its_window(position_files):
+    """Version 1 stored the window count after the epoch's offset; it resumes at offset + count·seq_len."""
+    (loader,) = loaders(position_files, 1, 8, seed=0, shard_boundary="batch")
+    offset = loader._epoch_plan(1)[1]
+    assert offset > 0
+    old = {"version": 1, "step": 30, "epoch": 1, "shard": 2, "sequence": 8, "seed": 0, "seq_len": SEQ,
+           "bos_aligned": False, "shard_boundary": "batch", "files": [f.name for f in position_files]}
+    loader.load_state_dict(old)
+    shard = loader._epoch_plan(1)[0][2]
+    assert POSITION_SHARDS[shard] > offset + 2 * BATCH + 1  # so the batch is taken from this shard
+    assert torch.equal(global_batches([loader], 1)[0], expected_rows(shard, offset + BATCH))
+    assert loader.state_dict()["position"] == offset + 2 * BATCH and loader.step == 31
 
 
 def test_no_shard_holding_a_whole_batch_is_an_error(tmp_path):
@@ -256,9 +284,10 @@ def test_no_shard_holding_a_whole_batch_is_an_error(tmp_path):
     enough = shards.write_shard(tmp_path / "e_train_000001.bin", np.ones(BATCH + 2, dtype=np.uint16))
     (loader,) = loaders([exact, enough], 1, 8, shard_boundary="batch")
     assert rows(*loader.next_batch()[0]).shape == (8, SEQ + 1)
-    docs = shards.write_shard(tmp_path / "d_train_000000.bin", np.full(8 * SEQ, EOT, dtype=np.uint16))  # 7 windows
+    # documents of one token: a sequence packs 17, so these 128 make 7 sequences
+    docs = shards.write_shard(tmp_path / "d_train_000000.bin", np.full(8 * SEQ, EOT, dtype=np.uint16))
     (loader,) = loaders([docs], 1, 8, bos_aligned=True, shard_boundary="batch")
-    with pytest.raises(DataError, match=f"no train shard holds a batch of {BATCH} tokens"):
+    with pytest.raises(DataError, match=f"no train shard holds a batch of 8 sequences of {SEQ + 1} tokens packed"):
         loader.next_batch()
 
 

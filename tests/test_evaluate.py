@@ -38,7 +38,7 @@ def by_hand(model, window, item):
     for ending in item["endings"]:
         tokens = torch.tensor([context + enc.encode_ordinary(" " + ending)])
         with torch.no_grad():
-            logits = model(tokens[:, :-1], window_tokens=window)
+            logits = model(tokens[:, :-1], **window.kwargs())
         ce = F.cross_entropy(logits[0, len(context) - 1:], tokens[0, len(context):], reduction="none")
         sums.append(ce.sum().item())
         means.append(ce.mean().item())

@@ -165,7 +165,7 @@ def test_no_recompiles_as_the_window_grows(tmp_path):
         losses = [trainer.train_step(step) for step in steps]
         val_loss = trainer.validate(steps[-1])
     assert graphs_compiled() == before, "torch.compile compiled a new graph after warm-up"
-    assert len({id(trainer._window(step)) for step in steps}) == len(steps)  # one window tensor per value
+    assert len({id(trainer._windows_at(step)["window_tokens"]) for step in steps}) == len(steps)  # one window tensor per value
     assert torch.stack(losses).isfinite().all() and np.isfinite(val_loss)
 
 
@@ -230,7 +230,7 @@ def test_compiled_trainer_step_matches_float32_reference(tmp_path):
     cfg = trainer.cfg
     assert use_flex(cfg.model, cfg.data.seq_len, trainer.device) == (trainer.device.type == "cuda")
     step = first_step_of_each_window(cfg)[256]
-    window = trainer._window(step)
+    window = trainer._windows_at(step)["window_tokens"]
     idx = documents_input(cfg.data.seq_len)
     targets = idx.roll(-1, 1).long()
     reference = float32_reference(trainer)

@@ -61,7 +61,7 @@ def test_data_too_small_for_the_run_is_refused_at_start_up(tmp_path):
     """SMALL_RUN's 70 steps of 512 tokens need 35,840 train tokens; 10,000 would be 3.6 passes."""
     data = _data(tmp_path / "small", 10_000, 5_000)
     line = _one_error_line(_train(data, tmp_path / "a"))
-    assert "the train shards hold 10,000 tokens but 70 steps × 512 need 35,840, 3.6 passes" in line
+    assert "the train shards hold 10,000 tokens but 70 steps need 35,840, 3.6 passes" in line
     assert "data.allow_repeat=true" in line
     assert not (tmp_path / "a" / "metrics.jsonl").exists()
     short_val = _data(tmp_path / "short-val", 40_000, 1_000)
@@ -93,7 +93,7 @@ def test_bench_checks_every_preset_before_measuring():
     r = run_cli("bench", "--preset", "tiny", "--vs", "no-such-preset", check=False)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "speedrun bench: error: unknown preset 'no-such-preset'; choose one of: "
-        "baseline-tiny, gpt2-baseline, gpt2-medium-speedrun, gpt2-speedrun, tiny"]
+        "baseline-tiny, gpt2-baseline, gpt2-medium-speedrun, gpt2-speedrun, gpt2-speedrun-2026, tiny, tiny-2026"]
 
 
 def test_bench_needs_at_least_one_timed_step():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from speedrun.attention import NO_WINDOW
+from speedrun.attention import NO_WINDOW, Windows
 from speedrun.config import load_config
 from speedrun.data.tokenizer import EOT, gpt2
 from speedrun.errors import UsageError
@@ -54,7 +54,7 @@ def test_cached_logits_equal_uncached(case):
     idx = torch.randint(0, EOT, (2, 70), generator=torch.Generator().manual_seed(1))
     idx[:, 0] = EOT
     idx[0, 30] = EOT  # a document starting mid-way, in one row only
-    cache = KVCache(model.cfg, window)
+    cache = KVCache(model.cfg, Windows(window))
     with torch.no_grad():
         whole = model(idx, window_tokens=window)
         # a prompt, single tokens across the window's length, then a chunk longer than the window
@@ -73,7 +73,7 @@ def test_cached_greedy_generation_equals_uncached(case):
     model, window = model_for(case)
     prompt = torch.tensor([[EOT] + gpt2().encode_ordinary("The quick brown fox")])
     n = 48  # with the prompt, three times the window
-    tokens = list(generate(model, prompt, n, window))
+    tokens = list(generate(model, prompt, n, Windows(window)))
     assert tokens == uncached_greedy(model, prompt, n, window)
 
 
@@ -120,3 +120,21 @@ def test_missing_checkpoint_is_one_line_usage_error(tmp_path):
     assert r.returncode == 2
     assert r.stderr.startswith(f"speedrun sample: error: {tmp_path / 'nowhere'}: no checkpoint there")
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cached_logits_equal_uncached_with_a_scheduled_short_window():
+    """The 2026 record validates with S-layer windows that are not half the long one (6 and 20
+    blocks): a KV cache given both windows gives an uncached forward's logits."""
+    cfg = load_config("tiny", overrides=["model.window_block=16", "model.zero_init_proj=false",
+                                         "model.zero_init_head=false"]).model
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, EOT, (1, 70), generator=torch.Generator().manual_seed(2))
+    idx[:, 0] = EOT
+    windows = Windows(64, 16)
+    cache = KVCache(cfg, windows)
+    with torch.no_grad():
+        whole = model(idx, **windows.kwargs())
+        assert not torch.allclose(whole, model(idx, window_tokens=64), rtol=1e-2, atol=1e-2)
+        pieces = torch.cat([model(idx[:, a:b], cache=cache) for a, b in ((0, 20), (20, 21), (21, 70))], dim=1)
+    torch.testing.assert_close(pieces, whole, rtol=1e-4, atol=1e-4)

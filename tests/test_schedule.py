@@ -97,7 +97,7 @@ def test_table_lists_every_change_point(record, capsys):
     # Windows change, Muon momentum stops rising (300), the lr cooldown starts (1062), first, last.
     assert printed == window_changes | {0, 300, 1062, T}
     row = next(line for line in lines if line.split()[0] == "132")
-    assert row.split()[1:] == ["1.0000", "0.8940", "256", "(2)", "128", "(1)", "393,216", "49,152"]
+    assert row.split()[1:] == ["0", "1.0000", "0.8940", "256", "(2)", "128", "(1)", "393,216", "49,152", "—"]
 
 
 def test_token_granularity_halves_the_window():

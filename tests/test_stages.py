@@ -1,0 +1,138 @@
+"""Training in stages (the 2026 record): `speedrun schedule --json` of gpt2-speedrun-2026 at every
+stage boundary against the record's numbers (../shared/docs/record-2026.md §2.6, §2.7, §2.9),
+scaling with --steps, the checks on [stages], and what the trainer derives from them."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from speedrun.config import ConfigError, load_config, scale_steps, to_dict
+from speedrun.stages import shape_steps, step_plan, tokens_before
+
+PRESET = "gpt2-speedrun-2026"
+
+
+def record_lr(step: int) -> float:
+    """§2.7 as the record computes it: a stage factor, then from step int(1270·0.4) = 508 a linear
+    fall to 0.15 at step 1270, where the extension stays."""
+    factor = 1.0 if step < 423 else 1.52 if step < 847 else 1.73
+    if step >= 1270:
+        return 0.15
+    t = max(0.0, (step - 508) / 762)
+    return factor * (1 - t) + 0.15 * t
+
+
+def record_momentum(step: int) -> float:
+    """§2.6: 0.85 → 0.95 over steps 0-300, back to 0.85 over the last 50 of the 1285 steps."""
+    if step < 300:
+        return 0.85 + step / 300 * 0.10
+    if step > 1235:
+        return 0.95 - (step - 1235) / 50 * 0.10
+    return 0.95
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict]:
+    report = json.loads(run_cli("schedule", "--preset", PRESET, "--json").stdout)
+    assert report["steps"] == 1285 and len(report["rows"]) == 1286
+    return report["rows"]
+
+
+# step: (stage, tokens per step, sequence length, max document length, (short, long) window blocks)
+BOUNDARIES = {
+    0: (0, 131072, 16384, 896, (1, 3)), 422: (0, 131072, 16384, 896, (1, 3)),
+    423: (1, 262144, 32768, 2048, (3, 7)), 846: (1, 262144, 32768, 2048, (3, 7)),
+    847: (2, 393216, 49152, 2048, (5, 11)), 1269: (2, 393216, 49152, 2048, (5, 11)),
+    1270: (3, 393216, 49152, 2048, (6, 13)), 1284: (3, 393216, 49152, 2048, (6, 13)),
+    1285: (3, 393216, 49152, 2048, (6, 20)),  # the final validation: a long window of 20 blocks
+}
+
+
+@pytest.mark.parametrize("step", sorted(BOUNDARIES))
+def test_stage_boundaries_are_the_records(rows, step):
+    r = rows[step]
+    stage, tokens, seq_len, max_doc, (short, long) = BOUNDARIES[step]
+    assert (r["stage"], r["tokens_per_step"], r["seq_len"], r["max_doc_len"]) == (stage, tokens, seq_len, max_doc)
+    assert (r["window_short_blocks"], r["window_long_blocks"]) == (short, long)
+    assert (r["window_short_tokens"], r["window_long_tokens"]) == (short * 128, long * 128)
+    assert r["lr"] == pytest.approx(record_lr(min(step, 1284)), abs=1e-12)
+    if step < 1285:
+        assert r["muon_momentum"] == pytest.approx(record_momentum(step), abs=1e-12)
+
+
+def test_every_step_follows_the_records_lr_and_momentum(rows):
+    for r in rows[:-1]:
+        assert r["lr"] == pytest.approx(record_lr(r["step"]), abs=1e-12), r["step"]
+        assert r["muon_momentum"] == pytest.approx(record_momentum(r["step"]), abs=1e-12), r["step"]
+
+
+def test_table_prints_the_stages():
+    out = run_cli("schedule", "--preset", PRESET).stdout
+    assert "stages end at steps 423, 847, 1270; steps 1270..1284 are the extension stage 3" in out
+    printed = {int(line.split()[0]) for line in out.splitlines() if line.split() and line.split()[0].isdigit()}
+    assert {0, 423, 508, 847, 1235, 1270, 1285} <= printed
+
+
+def test_steps_scales_the_stage_ends():
+    cfg = load_config(PRESET)
+    scale_steps(cfg, 257)  # a fifth of the run
+    assert cfg.stages.ends == [85, 169, 254]
+    assert cfg.optim.muon_momentum_cooldown_steps == 10 and cfg.optim.muon_momentum_warmup_steps == 60
+    rows = json.loads(run_cli("schedule", "--preset", PRESET, "--steps", "257", "--json").stdout)["rows"]
+    assert [rows[s]["stage"] for s in (84, 85, 168, 169, 253, 254, 256)] == [0, 1, 1, 2, 2, 3, 3]
+
+
+def test_tokens_and_shapes_follow_the_stages():
+    cfg = load_config(PRESET)
+    assert tokens_before(1285, cfg) == 423 * 131072 + 424 * 262144 + 438 * 393216  # ≈ 339M, §0
+    assert tokens_before(500, cfg) == 423 * 131072 + 77 * 262144
+    assert shape_steps(cfg) == [0, 423, 847]  # the extension has stage 3's shape: nothing new to compile
+    assert step_plan(1284, cfg).lr_factor == 1.0 and step_plan(900, cfg).lr_factor == 1.73
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stages.lr=[1.0, 2.0]", "'stages.lr' must have 4 entries"),
+    ("stages.ends=[423, 423, 1270]", "'stages.ends' must be ascending"),
+    ("stages.ends=[423, 847, 1300]", "'stages.ends' must be ascending steps in 1..train.steps (1285)"),
+    ("stages.windows=[[3, 1], [3, 7], [5, 11], [6, 13]]", "[short, long] in blocks with 0 < short <= long"),
+    ("stages.final_windows=[20]", "[short, long] in blocks"),
+    ("data.bos_aligned=false", "a maximum document length needs data.bos_aligned = true"),
+    ("stages.seq_len=[16384, 32768, 49152, 49100]", "must be a multiple of model.window_block"),
+    ("stages.batch_tokens=[131072, 262144, 393216, 100000]", "'stages.batch_tokens' (100000) must be a multiple"),
+    ("model.sliding_window=false", "'stages.windows' and 'stages.final_windows' need model.sliding_window"),
+])
+def test_bad_stages_are_refused_in_one_line(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        load_config(PRESET, overrides=[override])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.hidden_optimizer=muon"], "'optim.hidden_weight_dtype' = bfloat16 needs optim.hidden_optimizer = normuon"),
+    (["optim.hidden_optimizer=adam", "optim.hidden_weight_dtype=float32"], "'optim.qk_blocks' = head_pair needs"),
+    (["optim.hidden_optimizer=muon", "optim.hidden_weight_dtype=float32", "optim.qk_blocks=matrix"],
+     "'optim.lr_mul_mlp_out' = 2.0 needs"),
+    (["optim.hidden_optimizer=muon", "optim.hidden_weight_dtype=float32", "optim.qk_blocks=matrix",
+      "optim.lr_mul_mlp_out=1.0"], "'optim.weight_decay_mode' = cautious needs optim.hidden_optimizer = normuon or adam"),
+])
+def test_normuon_only_switches_are_refused_elsewhere(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(PRESET, overrides=overrides)
+
+
+def test_stage_lists_need_ends():
+    with pytest.raises(ConfigError, match="'stages.lr' needs 'stages.ends'"):
+        load_config("tiny", overrides=["stages.lr=[1.0]"])
+
+
+def test_the_ablation_ends_at_tiny_2026():
+    """benchmarks/ablation_2026.py adds the pieces one at a time to tiny; all of them are tiny-2026."""
+    spec = importlib.util.spec_from_file_location("ablation", Path(__file__).parents[1] / "benchmarks" / "ablation_2026.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    built = load_config("tiny", overrides=ablation.cumulative_overrides(len(ablation.PIECES) - 1))
+    preset = load_config("tiny-2026")
+    built.description = preset.description
+    assert to_dict(built) == to_dict(preset)
