@@ -483,6 +483,10 @@ def _validate_optim(o: OptimConfig) -> None:
         if value != default and o.hidden_optimizer != "normuon":
             raise ConfigError(f"'optim.{key}' = {value} needs optim.hidden_optimizer = normuon "
                               f"(got {o.hidden_optimizer})")
+    if o.hidden_optimizer == "normuon" and o.grad_clip > 0:
+        raise ConfigError("'optim.grad_clip' must be 0 with optim.hidden_optimizer = normuon: NorMuon reduce-scatters "
+                          "the hidden matrices' gradients inside its step, after clipping would have run (the record "
+                          "does not clip)")
     if o.weight_decay_mode == "cautious" and o.hidden_optimizer == "muon":
         raise ConfigError("'optim.weight_decay_mode' = cautious needs optim.hidden_optimizer = normuon or adam "
                           "(Muon decays as torch.optim.Muon does)")

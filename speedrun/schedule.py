@@ -130,7 +130,7 @@ def _header(label: str, total: int, every: int | None, smooth: list[str], cfg: C
     if cfg.stages.ends:
         ends = cfg.stages.ends
         lines.append(f"stages end at steps {', '.join(map(str, ends))}; steps {ends[-1]}..{total - 1} are the "
-                     f"extension stage {len(ends)}; the lr cooldown spans the first {ends[-1]} steps")
+                     f"extension stage {len(ends)}; the lr schedule spans the first {ends[-1]} steps")
     return lines
 
 
@@ -203,6 +203,8 @@ def plot_schedule(label: str, rows: list[dict]):
     axes[2].set_ylabel("window (tokens)")
     axes[3].step(steps, [r["tokens_per_step"] for r in rows], where="post", label="tokens per step")
     axes[3].step(steps, [r["seq_len"] for r in rows], where="post", label="sequence length")
+    if any(r["max_doc_len"] for r in rows):
+        axes[3].step(steps, [r["max_doc_len"] or None for r in rows], where="post", label="max document length")
     # A log axis: a sequence is often a thousandth of a batch and would hug zero on a linear one.
     axes[3].set_yscale("log", base=2)
     axes[3].set_ylabel("tokens (log scale)")
@@ -219,9 +221,9 @@ def plot_schedule(label: str, rows: list[dict]):
 
 def register(sub) -> None:
     p = sub.add_parser("schedule", help="show every scheduled quantity of a preset per step",
-                       description="Print the lr multiplier, Muon momentum, attention windows, tokens per step and "
-                                   "sequence length at every step of a preset, as training computes them. "
-                                   "Needs no GPU and no data.")
+                       description="Print the stage, lr multiplier, Muon momentum, attention windows, tokens per step, "
+                                   "sequence length and maximum document length at every step of a preset, as "
+                                   "training computes them. Needs no GPU and no data.")
     p.add_argument("--preset", default=None, help="preset (default: gpt2-speedrun with a CUDA device, else tiny)")
     p.add_argument("--config", default=None, metavar="FILE", help="a TOML config file, as for `speedrun train`")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")

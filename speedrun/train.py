@@ -223,7 +223,10 @@ class Trainer:
         self.forward = prepare(self.model, cfg, self.device, "train", self.accum * cfg.data.micro_batch_seqs)
         broadcast_parameters(self.model)
         self.optimizers = build_optimizers(self.model.param_groups(), cfg.optim, fused=self.device.type == "cuda")
-        self.grads = GradientAverager(list(self.model.parameters()), rt.world_size)
+        # NorMuon reduce-scatters its own gradients; the averager all-reduces the rest
+        own = {p for opt in self.optimizers if getattr(opt, "reduces_gradients", False)
+               for group in opt.param_groups for p in group["params"]}
+        self.grads = GradientAverager([p for p in self.model.parameters() if p not in own], rt.world_size)
         self.loader = TrainLoader(train_files, seq_len=first.seq_len, micro_batch_seqs=cfg.data.micro_batch_seqs,
                                   batch_tokens=first.batch_tokens, max_doc_len=first.max_doc_len,
                                   rank=rt.rank, world_size=rt.world_size,

@@ -331,10 +331,18 @@ def _sharded_setup(values=None):
     return params, NorMuon(groups, lr=0.05, momentum=0.9, weight_decay=1.2)
 
 
-def _sharded_steps(params, opt, steps):
+def _local_grad(shape, seed, dtype, rank, world_size):
+    """Rank `rank`'s share of a gradient whose mean over the ranks is a tensor of eighths in
+    [-15/8, 15/8]: the ranks differ by halves around it, so every partial sum of a reduce-scatter,
+    in any order and in bf16 too, and its division by the world size are exact."""
+    mean = torch.randint(-15, 16, shape, generator=torch.Generator().manual_seed(seed)) / 8
+    return (mean + (rank - (world_size - 1) / 2) * 0.5).to(dtype)
+
+
+def _sharded_steps(params, opt, steps, rank=0, world_size=1):
     for step in steps:
         for i, p in enumerate(params):
-            p.grad = None if i == NO_GRAD else _randn(p.shape, 1000 * step + i, p.dtype)
+            p.grad = None if i == NO_GRAD else _local_grad(p.shape, 1000 * step + i, p.dtype, rank, world_size)
         for group in opt.param_groups:
             group["momentum"] = 0.85 + 0.02 * step
         opt.step()
@@ -354,16 +362,16 @@ def _sharded_worker(rank, world_size, tmp, resume_from):
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world_size)
     try:
         params, opt = _sharded_setup()
-        _sharded_steps(params, opt, range(3))
+        _sharded_steps(params, opt, range(3), rank, world_size)
         state, at_three = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params]
         owned = [i for i, p in enumerate(params) if opt.owns(p)]
-        _sharded_steps(params, opt, range(3, 5))
+        _sharded_steps(params, opt, range(3, 5), rank, world_size)
         result = dict(params=[p.detach() for p in params], state=state, owned=owned, at_three=at_three)
         if resume_from:
             saved = [torch.load(f"{resume_from[0]}/rank{r}.pt") for r in range(resume_from[1])]
             resumed, opt2 = _sharded_setup(saved[0]["at_three"])
             opt2.load_state_dict(_union(saved))
-            _sharded_steps(resumed, opt2, range(3, 5))
+            _sharded_steps(resumed, opt2, range(3, 5), rank, world_size)
             result["resumed"] = [p.detach() for p in resumed]
         torch.save(result, f"{tmp}/rank{rank}.pt")
         dist.barrier()  # every rank done with gloo before any tears it down (see test_optim's worker)

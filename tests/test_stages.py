@@ -116,6 +116,7 @@ def test_bad_stages_are_refused_in_one_line(override, message):
      "'optim.lr_mul_mlp_out' = 2.0 needs"),
     (["optim.hidden_optimizer=muon", "optim.hidden_weight_dtype=float32", "optim.qk_blocks=matrix",
       "optim.lr_mul_mlp_out=1.0"], "'optim.weight_decay_mode' = cautious needs optim.hidden_optimizer = normuon or adam"),
+    (["optim.grad_clip=1.0"], "'optim.grad_clip' must be 0 with optim.hidden_optimizer = normuon"),
 ])
 def test_normuon_only_switches_are_refused_elsewhere(overrides, message):
     with pytest.raises(ConfigError, match=message):

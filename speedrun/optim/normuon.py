@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from speedrun.config import OptimConfig
@@ -131,13 +132,15 @@ class NorMuon(ShardedOptimizer):
 
     Sharding (`speedrun.optim.sharded`): parameters bucket by (the shapes of the matrices they are
     seen as, dtype, device), so the MLP's input and transposed output projections share a bucket.
-    The owner alone keeps the parameter's state and updates it, and the new values are all-gathered
-    (a bf16 parameter's low bits exist only on its owner). A parameter is owned whole, head-pair blocks included: its state is one entry of the
-    state_dict, which checkpoint.py merges across ranks per parameter. The record reduce-scatters
-    the gradients first; here they arrive already averaged on every rank
-    (speedrun.distributed.GradientAverager), so each rank reads the gradients it owns and no
-    reduce-scatter is needed. A parameter's grad must be None on all ranks or on none. The result
-    equals single-process NorMuon bit for bit.
+    Gradients arrive as each rank computed them (`reduces_gradients`: the trainer's
+    GradientAverager leaves them alone) and are reduce-scattered at the start of `step`, every
+    chunk's launched before the first is awaited, so each owner gets the mean over the ranks of
+    its parameter's gradient; the owner alone keeps the parameter's state and updates it, and the
+    new values are all-gathered (a bf16 parameter's low bits exist only on its owner):
+    reduce-scatter → update → all-gather, as the record. A parameter is owned whole, head-pair
+    blocks included: its state is one entry of the state_dict, which checkpoint.py merges across
+    ranks per parameter. A parameter's grad must be None on all ranks or on none. The result
+    equals single-process NorMuon over the mean gradient (bit for bit where the ranks' sum is exact).
 
     State: `owns(p)`, `state_dict()` (this rank's share) and `load_state_dict()` (any union of
     ranks' shares, from any world size; keeps what this rank owns) behave as Muon's. State tensors
@@ -216,6 +219,34 @@ class NorMuon(ShardedOptimizer):
             _decay_and_step(mats.select(master), _normalised(O, V, group["beta2"]), group["lr"],
                             group["lr"] * mats.lr_mul, group["weight_decay"], self.cautious)
         _store(p, master, low_bits)
+
+    reduces_gradients = True
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.world_size > 1:
+            self._reduce_scatter_gradients()
+        return super().step(closure)
+
+    def _reduce_scatter_gradients(self) -> None:
+        """Replace the grad of every parameter this rank owns by its mean over the ranks; the other
+        parameters' grads are left as they are (only whether they are None is read)."""
+        average = dist.get_backend() == "nccl"  # gloo has no AVG: a sum, then a divide
+        pending = []
+        for _, chunk in self._chunks():
+            if all(p.grad is None for p in chunk):
+                continue
+            rows = [p.grad.flatten() if p.grad is not None else p.new_zeros(p.numel()) for p in chunk]
+            rows += [rows[0].new_zeros(rows[0].numel())] * (self.world_size - len(chunk))  # a short last chunk
+            mine = rows[0].new_empty(rows[0].numel())
+            handle = dist.reduce_scatter_tensor(mine, torch.cat(rows), op=dist.ReduceOp.AVG if average else
+                                                dist.ReduceOp.SUM, async_op=True)
+            pending.append((handle, chunk, mine))
+        for handle, chunk, mine in pending:
+            handle.wait()
+            if self.rank < len(chunk) and chunk[self.rank].grad is not None:
+                p = chunk[self.rank]
+                p.grad = (mine if average else mine.div_(self.world_size)).view_as(p)
 
     def local(self, p: Tensor, group: dict) -> Tensor:
         """Update p, its owner; its new value is what the other ranks receive."""
