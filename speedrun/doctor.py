@@ -146,7 +146,8 @@ def check_dtype(ctx: Context) -> Iterator[Line]:
 # -- 4. attention -----------------------------------------------------------------------------------
 
 def check_attention(ctx: Context) -> Iterator[Line]:
-    from speedrun.attention import use_flex, window_tokens
+    from speedrun.attention import use_flex
+    from speedrun.stages import window_at
 
     m, steps = ctx.cfg.model, ctx.cfg.train.steps
     if use_flex(m, ctx.cfg.data.seq_len, ctx.device):
@@ -162,9 +163,10 @@ def check_attention(ctx: Context) -> Iterator[Line]:
         return
     rule = ("a query block sees its nearest window/block key blocks" if m.window_granularity == "block"
             else "query - key < window, exact per token")
-    yield INFO, (f"attention: {docs}; window rule '{m.window_granularity}' ({rule}; S layers half); "
-                 f"'{m.window_schedule}' schedule {window_tokens(0, steps, m)} → {window_tokens(steps, steps, m)} "
-                 f"tokens over {steps} steps")
+    schedule = "stage windows" if ctx.cfg.stages.windows else f"'{m.window_schedule}' schedule"
+    short = "S layers their own" if ctx.cfg.stages.windows else "S layers half"
+    yield INFO, (f"attention: {docs}; window rule '{m.window_granularity}' ({rule}; {short}); "
+                 f"{schedule} {window_at(0, ctx.cfg)[0]} → {window_at(steps, ctx.cfg)[0]} tokens over {steps} steps")
 
 
 def _selftest_inputs(ctx: Context, dtype):
