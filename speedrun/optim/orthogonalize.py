@@ -75,7 +75,9 @@ ORTHOGONALIZERS: dict[str, Callable[[Tensor, int], Tensor]] = {
 
 @functools.cache
 def _compiled(name: str) -> Callable[[Tensor, int], Tensor]:
-    return torch.compile(ORTHOGONALIZERS[name])
+    # One static graph per matrix shape (a handful, all met in the warm-up): the record found the
+    # dynamic-shape kernels that a second shape would otherwise switch to much slower.
+    return torch.compile(ORTHOGONALIZERS[name], dynamic=False)
 
 
 def orthogonalize(G: Tensor, name: str, ns_steps: int) -> Tensor:
