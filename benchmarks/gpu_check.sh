@@ -241,10 +241,12 @@ if (work / "tests.out").exists():
                                                        lines[-1])) if lines else ""
 accum = ""
 try:
-    from speedrun.config import grad_accum_steps, load_config
+    from speedrun.config import load_config
+    from speedrun.stages import grad_accum, step_plan
     cfg = load_config(preset, None, [s for s in sets if s != "--set"])
-    accum = (f": grad accumulation over {grad_accum_steps(cfg, 1)} micro-steps of {cfg.data.micro_batch_seqs} × "
-             f"{cfg.data.seq_len:,} tokens")
+    plan = step_plan(0, cfg)  # the bench times the first stage's steps
+    accum = (f": grad accumulation over {grad_accum(plan, cfg, 1)} micro-steps of {cfg.data.micro_batch_seqs} × "
+             f"{plan.seq_len:,} tokens")
 except Exception:
     pass
 

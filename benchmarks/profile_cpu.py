@@ -13,6 +13,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from speedrun.config import load_config
 from speedrun.distributed import setup, teardown
+from speedrun.stages import step_plan
 from speedrun.train import Trainer
 
 # profiler events that are a phase of the step, by the name torch gives them
@@ -27,7 +28,7 @@ def profile_preset(preset: str, steps: int, compile: bool):
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for step in range(steps):
             trainer.train_step(step)
-    return prof.key_averages(), cfg.data.batch_tokens
+    return prof.key_averages(), step_plan(0, cfg).batch_tokens  # the steps profiled are the first stage's
 
 
 def phases(events, steps: int) -> dict[str, float]:
