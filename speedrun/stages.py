@@ -76,7 +76,7 @@ def window_at(step: int, cfg: Config) -> tuple[int, int | None]:
 
 def shape_steps(cfg: Config) -> list[int]:
     """The first step of every distinct batch shape (sequence length, tokens per step), in order:
-    the steps a compile warm-up must run so that no shape compiles on the clock."""
+    what must divide over the ranks, and where a compile warm-up looks for new sequence lengths."""
     firsts: dict[tuple[int, int], int] = {}
     for start in [0, *cfg.stages.ends]:
         if start < cfg.train.steps:

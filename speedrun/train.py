@@ -299,13 +299,14 @@ class Trainer:
 
     def warm_up_steps(self, steps: int) -> list[int]:
         """The steps a warm-up of `steps` per shape runs: that many from this step, and from the first
-        step of every later batch shape (the stages'), so that no compile lands on the clock.
-        Validation needs none: it is off the clock."""
-        starts, shapes = [], set()
+        step of every later sequence length (the stages'), so that no compile lands on the clock.
+        Only the sequence length shapes a compiled graph (more tokens per step are more micro-steps
+        of the same shape); validation needs no warm-up: it is off the clock."""
+        starts, lengths = [], set()
         for start in [self.step, *(s for s in shape_steps(self.cfg) if s > self.step)]:
-            plan = step_plan(start, self.cfg)
-            if (plan.seq_len, plan.batch_tokens) not in shapes:
-                shapes.add((plan.seq_len, plan.batch_tokens))
+            seq_len = step_plan(start, self.cfg).seq_len
+            if seq_len not in lengths:
+                lengths.add(seq_len)
                 starts += range(start, min(start + steps, self.cfg.train.steps))
         return starts
 

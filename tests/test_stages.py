@@ -137,3 +137,22 @@ def test_the_ablation_ends_at_tiny_2026():
     preset = load_config("tiny-2026")
     built.description = preset.description
     assert to_dict(built) == to_dict(preset)
+
+
+def test_warm_up_steps_cover_every_batch_shape_still_to_come():
+    """Two warm-up steps from the current step and from the first step of every later sequence
+    length (stage 1: 256 tokens; stage 2: 512; stage 3 and the extension: 512 again, with more
+    sequences per step, which compiles nothing new)."""
+    from speedrun.distributed import setup
+    from speedrun.train import Trainer
+
+    cfg = load_config("tiny-2026", overrides=["stages.seq_len=[256, 512, 512, 512]",
+                                              "stages.batch_tokens=[512, 1024, 2048, 2048]", "train.compile=false"])
+    trainer = Trainer(cfg, setup("cpu"), "test")
+    assert trainer.warm_up_steps(2) == [0, 1, 23, 24]
+    trainer.step = 30  # resumed in stage 2: its own shape from here, nothing new after
+    assert trainer.warm_up_steps(2) == [30, 31]
+    trainer.step = 10
+    assert trainer.warm_up_steps(3) == [10, 11, 12, 23, 24, 25]
+    trainer.step = 69  # the last step: nothing past the run
+    assert trainer.warm_up_steps(2) == [69]
