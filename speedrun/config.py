@@ -388,6 +388,9 @@ def scale_steps(cfg: Config, steps: int) -> None:
     cfg.optim.muon_momentum_warmup_steps = round(cfg.optim.muon_momentum_warmup_steps * ratio)
     cfg.optim.muon_momentum_cooldown_steps = round(cfg.optim.muon_momentum_cooldown_steps * ratio)
     # Stage ends keep their fraction of the run, and stay ascending and at least one step apart.
+    if steps < len(cfg.stages.ends):
+        raise ConfigError(f"--steps {steps} is too short for the {len(cfg.stages.ends)} stages in stages.ends "
+                          f"{cfg.stages.ends}: give at least {len(cfg.stages.ends)}")
     ends = []
     for end in cfg.stages.ends:
         ends.append(min(steps, max(round(end * ratio), ends[-1] + 1 if ends else 1)))

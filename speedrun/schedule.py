@@ -129,8 +129,10 @@ def _header(label: str, total: int, every: int | None, smooth: list[str], cfg: C
     lines = [f"{label}: {total} steps; {which[0]}; row {total} is the final validation", *which[1:], windows]
     if cfg.stages.ends:
         ends = cfg.stages.ends
-        lines.append(f"stages end at steps {', '.join(map(str, ends))}; steps {ends[-1]}..{total - 1} are the "
-                     f"extension stage {len(ends)}; the lr schedule spans the first {ends[-1]} steps")
+        extension = (f"steps {ends[-1]}..{total - 1} are the extension stage {len(ends)}" if ends[-1] < total
+                     else "no extension steps")
+        lines.append(f"stages end at steps {', '.join(map(str, ends))}; {extension}; the lr schedule spans the "
+                     f"first {ends[-1]} steps")
     return lines
 
 

@@ -85,6 +85,14 @@ def test_steps_scales_the_stage_ends():
     assert [rows[s]["stage"] for s in (84, 85, 168, 169, 253, 254, 256)] == [0, 1, 1, 2, 2, 3, 3]
 
 
+def test_steps_fewer_than_the_stages_is_refused_and_an_empty_extension_is_said():
+    cfg = load_config(PRESET)
+    with pytest.raises(ConfigError, match=r"--steps 2 is too short for the 3 stages in stages.ends \[423, 847, 1270\]"):
+        scale_steps(cfg, 2)
+    out = run_cli("schedule", "--preset", PRESET, "--set", "train.steps=1270").stdout
+    assert "stages end at steps 423, 847, 1270; no extension steps; the lr schedule spans the first 1270 steps" in out
+
+
 def test_tokens_and_shapes_follow_the_stages():
     cfg = load_config(PRESET)
     assert tokens_before(1285, cfg) == 423 * 131072 + 424 * 262144 + 438 * 393216  # ≈ 339M, §0
