@@ -115,19 +115,3 @@ def test_crafted_checkpoint_does_not_execute_code(one_process, tmp_path):
     assert not marker.exists()
     assert "rank_00000.pt" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
-
-# tiny-2026 shrunk as SMALL_RUN shrinks tiny: stages of 2, 4 and 6 sequences of 128 tokens per step
-STAGED = ["--preset", "tiny-2026", "--steps", "12", "--val-every", "6", "--device", "cpu", "--no-compile",
-          "--set", "stages.seq_len=[128, 128, 128, 128]", "--set", "stages.batch_tokens=[256, 512, 768, 768]",
-          "--set", "stages.max_doc_len=[64, 128, 128, 128]", "--set", "data.val_tokens=2048",
-          "--set", "data.val_seq_len=256"]
-
-
-def test_two_processes_match_one_process_through_the_batch_size_schedule(tmp_path):
-    """The 2026 stages: 2 → 4 → 6 sequences per step over BOS-aligned documents, NorMuon sharded
-    over the ranks, Adam on odd steps. One process accumulates 2, 4, 6 micro-steps; two, 1, 2, 3."""
-    one, two = tmp_path / "w1", tmp_path / "w2"
-    torchrun("train", *STAGED, "--out", str(one), nproc=1)
-    torchrun("train", *STAGED, "--out", str(two), nproc=2)
-    assert "grad_accum: 2" in (one / "log.txt").read_text() and "grad_accum: 1" in (two / "log.txt").read_text()
-    assert_same_losses(one, two)

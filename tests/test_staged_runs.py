@@ -1,0 +1,57 @@
+"""Whole runs of a staged preset (tiny-2026, shrunk): the batch-size schedule gives the same losses
+at any world size, and a compiled run resumes exactly across a stage change. In a file of their own
+so that pytest-xdist (--dist loadfile) can run them beside the other multi-process files."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import losses
+from test_distributed import SCRIPTS, assert_same_losses, torchrun
+
+pytestmark = pytest.mark.slow
+
+
+# tiny-2026 shrunk as SMALL_RUN shrinks tiny: stages of 2, 4 and 6 sequences of 128 tokens per step
+RUN = ["--preset", "tiny-2026", "--steps", "12", "--val-every", "6",
+       "--set", "stages.seq_len=[128, 128, 128, 128]", "--set", "stages.batch_tokens=[256, 512, 768, 768]",
+       "--set", "stages.max_doc_len=[64, 128, 128, 128]", "--set", "data.val_tokens=2048",
+       "--set", "data.val_seq_len=256"]
+STAGED = [*RUN, "--device", "cpu", "--no-compile"]
+
+
+def speedrun(*args: str, script: str | None = None, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """`speedrun ARGS` (or a script from tests/scripts) as users run it: torch's default thread count."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    entry = [str(SCRIPTS / script)] if script else ["-m", "speedrun"]
+    return subprocess.run([sys.executable, *entry, *args], env={**env, **(extra_env or {})}, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_two_processes_match_one_process_through_the_batch_size_schedule(tmp_path):
+    """The 2026 stages: 2 → 4 → 6 sequences per step over BOS-aligned documents, NorMuon sharded
+    over the ranks, Adam on odd steps. One process accumulates 2, 4, 6 micro-steps; two, 1, 2, 3."""
+    one, two = tmp_path / "w1", tmp_path / "w2"
+    torchrun("train", *STAGED, "--out", str(one), nproc=1)
+    torchrun("train", *STAGED, "--out", str(two), nproc=2)
+    assert "grad_accum: 2" in (one / "log.txt").read_text() and "grad_accum: 1" in (two / "log.txt").read_text()
+    assert_same_losses(one, two)
+
+
+def test_staged_2026_run_resumes_exactly_across_a_stage(tmp_path):
+    """tiny-2026, compiled, default threads, shrunk as SMALL_RUN shrinks tiny: a run killed while
+    saving at step 10 resumes from its step-5 checkpoint (an even number of Adam steps behind:
+    step 4's gradient is still waiting in RecordAdam's state) through the stage change at step 8,
+    and ends with the unbroken run's losses, bit for bit."""
+    common = ["train", *RUN, "--seed", "3"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert speedrun(*common, "--out", str(first)).returncode == 0
+    killed = speedrun(*common, "--out", str(second), "--save-every", "5", script="kill_during_save.py",
+                      extra_env={"SPEEDRUN_TEST_KILL_ON_SAVE": "2"})
+    assert killed.returncode == -9
+    resumed = speedrun("train", "--resume", "auto", "--out", str(second), *common[1:], "--save-every", "5")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in (second / "log.txt").read_text()
+    assert losses(second) == losses(first)
