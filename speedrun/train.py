@@ -118,8 +118,8 @@ def execution_path(trainer: "Trainer") -> dict:
     """What actually runs, so that two runs can be told apart from their logs: attention backend and
     window rule, head, dtype, compile, and the software and hardware underneath."""
     cfg, device = trainer.cfg, trainer.device
-    window = (f"{cfg.model.window_granularity} windows ({cfg.model.window_schedule} schedule)"
-              if cfg.model.sliding_window else "no window")
+    rule = "stage windows" if cfg.stages.windows else f"{cfg.model.window_schedule} schedule"
+    window = f"{cfg.model.window_granularity} windows ({rule})" if cfg.model.sliding_window else "no window"
     path = {"attention": f"{attention_backend(cfg.model, cfg.data.seq_len, device)}, {window}",
             "head": "fp8" if trainer.model.lm_head.fp8_scales else str(trainer.model.activation_dtype).removeprefix("torch."),
             "activations": str(trainer.model.activation_dtype).removeprefix("torch."),
