@@ -59,7 +59,8 @@ class ModelConfig:
     # rounded up to whole blocks
     window_schedule: str = "record"
     # block: a query block sees its nearest n key blocks (n = window/block, half for S layers, at
-    # least one), document-causal inside them, as the record; token: query - key < window exactly
+    # least one), document-causal inside them, as the record; token: query - key < window exactly;
+    # varlen: query - key <= window, FlashAttention's window_size=(window, 0) (the 2026 record)
     window_granularity: str = "block"
     # one letter per layer: L = long window, S = window/2; empty: every layer L
     long_short_pattern: str = ""
@@ -67,6 +68,36 @@ class ModelConfig:
     fp8_scales: list[float] = field(default_factory=lambda: [2.0, 512.0, 524288.0])  # x, w, grad
     activation_dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 elsewhere) | bfloat16 | float32; no autocast
     bf16_embeddings: bool = False  # with bfloat16 activations, store embedding tables in bf16 as the record does
+    # The 2026 record's model (../shared/docs/record-2026.md §1 and §3; the codes E1.. name its
+    # techniques there). Every key is off by default; docs/model.md says what each does.
+    smear_gate: bool = False  # E1: e_t += λ·σ(w·e_t[:12])·e_(t-1), λ and w from zero
+    bigram_vocab: int = 0  # E2: rows of the bigram hash table (record 377,280 = 50,304·15/2); 0: none
+    bigram_sign_rows: int = 0  # E2: rows of the random ±1 table multiplying each bigram row (record 8,192); 0: none
+    bigram_gate: float = 0.05  # E2: start value of the per-layer gates on the bigram term
+    value_embed_layers: list[int] = field(default_factory=list)  # E3: one table per listed layer, gated per head
+    value_embed_std: float = 0.01  # E3: init std of value_embed_layers' tables
+    residual_scalars: bool = False  # E4: x <- r·x + p·f(x) per sublayer, r from √1.1, p from 1
+    x0_gates: bool = False  # E5: + g·x0 after each attention sublayer, g from 0
+    skip_connections: list[list[int]] = field(default_factory=list)  # R1: [from, to]: block `to` adds σ(ℓ)·g·(output of block `from`)
+    attn_input_layer: int = -1  # R2: blocks after this one take rms(its output) as attention input; -1: none
+    mudd: bool = False  # R3: per-token dense connections into the last block and after the loop
+    gate_generators: bool = False  # R4: every gate per token from two small generators; false: each a learned constant
+    gate_split_layer: int = 4  # R4: the second generator reads the residual stream entering this block
+    rotary_pairs: str = "halves"  # A2: halves (dim i with i + D/2) | adjacent (2i with 2i+1, the 2026 record)
+    yarn: bool = False  # A2: when the long window grows, stretch rotary's frequencies and raise the attention scale
+    key_offset: bool = False  # A4: on long-window layers, the unrotated key dims come from the previous token
+    paired_head_layers: list[int] = field(default_factory=list)  # A3: heads 2j and 2j+1 attend as one 2T-row sequence
+    xsa_layers: list[int] = field(default_factory=list)  # A6: remove a gated share of each head's own value
+    attn_gate_layers: list[int] = field(default_factory=list)  # A7: per-head output gates, from 0.25
+    composable_layers: list[int] = field(default_factory=list)  # A8: heads mix post-softmax over a short window
+    composable_window: int = 112  # A8: keys in the composable window (the query and the 111 before it)
+    attn_lambdas: bool = False  # A5: learned scalars on the qkv (0.5) and output (1.0) weights, folded into them
+    zero_init_attn_proj: bool = True  # with zero_init_proj: zero the attention output too (the 2026 record: false)
+    softcap_shift: float = 0.0  # logits = logit_softcap·sigmoid((z + shift) / softcap_temperature) (2026: 5)
+    head_init_std: float = 0.0  # > 0: the untied head starts N(0, std²) and the token embedding as its copy (E6)
+    mlp_recompute: bool = False  # M1: keep only relu(xW)² for backward and recompute the rest
+    fp8_mlp: str = "off"  # M2: off | on | auto (CUDA cc >= 8.9): both MLP matmuls in FP8 while training
+    fp8_mlp_headroom: float = 1.8  # M2: the down projection's input scale is the previous step's amax × this
 
     def window_letter(self, layer: int) -> str:
         """`layer`'s long_short_pattern letter."""
@@ -97,6 +128,9 @@ class OptimConfig:
     # NorMuon keeps in its state, so each update is applied to the exact fp32 value (the 2026 record)
     hidden_weight_dtype: str = "float32"
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    # lr of the roles that have no lr_* key of their own (every role after "scalar" in config.ROLES);
+    # those roles default to lr_scalar, adam_betas and no weight decay
+    role_lr: dict[str, float] = field(default_factory=dict)
     adam_eps: float = 1e-8
     weight_decay: float = 0.1  # matrices only; vectors and scalars never decay
     # per-role overrides of weight_decay and adam_betas, e.g. {head = 0.75}; roles: hidden, head, embed, scalar
@@ -149,6 +183,16 @@ class StageConfig:
     max_doc_len: list[int] = field(default_factory=list)  # documents cut to this many tokens (data.max_doc_len)
     windows: list[list[int]] = field(default_factory=list)  # [short, long] window in model.window_block blocks
     final_windows: list[int] = field(default_factory=list)  # [short, long] blocks for the final validation
+    # multi-token prediction (L1): loss weights on the next token and the ones after it, at each stage's
+    # first step and its last, linear in between; empty: next-token loss only
+    mtp_weights_start: list[list[float]] = field(default_factory=list)
+    mtp_weights_end: list[list[float]] = field(default_factory=list)
+    # prefix-token loss (L2): weight at each stage's first and last step, linear in between; empty: none
+    prefix_weight_start: list[float] = field(default_factory=list)
+    prefix_weight_end: list[float] = field(default_factory=list)
+    # E6: whether the head and the token embedding are one matrix in each stage; they untie once, at
+    # the first Adam update of the first untied stage, the embedding taking the head's Adam moments
+    head_tied: list[bool] = field(default_factory=list)
 
 
 @dataclass
@@ -177,7 +221,9 @@ class Config:
 
 SECTIONS = ("model", "optim", "data", "stages", "train")
 # The optimizer roles parameters are sorted into (GPT.param_groups), in the order of their groups.
-ROLES = ("hidden", "head", "embed", "scalar")
+# Roles after "scalar" are tagged on their parameters by the modules that own them (GPT.param_groups).
+ROLES = ("hidden", "head", "embed", "scalar", "value_embed", "gate", "smear", "resid", "branch", "mudd", "mudd_bias",
+         "gate_gen", "gate_gen_bias")
 
 # Version 2: the dataclass defaults are a plain GPT-2 and presets build on one another with `base`.
 # Version 1 (no `version` key; written before 2026-11-26): defaults were the 2025 speedrun recipe,
@@ -408,8 +454,10 @@ _CHOICES = {
     ("model", "attention"): ("flex", "sdpa"),
     ("model", "fp8_head"): ("auto", "on", "off"),
     ("model", "window_schedule"): ("record", "linear"),
-    ("model", "window_granularity"): ("block", "token"),
+    ("model", "window_granularity"): ("block", "token", "varlen"),
     ("model", "activation_dtype"): ("auto", "bfloat16", "float32"),
+    ("model", "rotary_pairs"): ("halves", "adjacent"),
+    ("model", "fp8_mlp"): ("auto", "on", "off"),
     ("data", "shard_boundary"): ("batch", "sequence"),
     ("optim", "schedule"): ("trapezoid", "cosine"),
     ("optim", "hidden_optimizer"): ("muon", "normuon", "adam"),
@@ -447,6 +495,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'model.long_short_pattern' must be {m.n_layer} letters L or S (one per layer), or empty "
                           f"for all L, got '{m.long_short_pattern}'")
     _validate_model_shapes(m)
+    _validate_model_2026(m)
     _validate_ranges(cfg)
     _validate_stages(cfg)
     _validate_optim(cfg.optim)
@@ -478,6 +527,44 @@ def _validate_model_shapes(m: ModelConfig) -> None:
                           "0 < window_min <= window_max")
 
 
+def _validate_model_2026(m: ModelConfig) -> None:
+    """The 2026 record's per-layer switches name layers that exist and can take them."""
+    attention = [i for i in range(m.n_layer) if i not in m.skip_attn_layers]
+    for key in ("value_embed_layers", "paired_head_layers", "xsa_layers", "attn_gate_layers", "composable_layers"):
+        bad = [i for i in getattr(m, key) if i not in attention]
+        if bad:
+            raise ConfigError(f"'model.{key}' names layers {bad} that have no attention (layers with attention: {attention})")
+    for key in ("xsa_layers", "composable_layers"):
+        both = sorted(set(getattr(m, key)) & set(m.paired_head_layers))
+        if both:
+            raise ConfigError(f"'model.{key}' and 'model.paired_head_layers' share layers {both}; a paired layer's "
+                              "values do not line up with its queries")
+    if m.paired_head_layers and m.n_head % 2:
+        raise ConfigError(f"'model.paired_head_layers' needs an even model.n_head, got {m.n_head}")
+    if m.value_embed_layers and m.value_embeds:
+        raise ConfigError("give 'model.value_embed_layers' or 'model.value_embeds', not both")
+    for pair in m.skip_connections:
+        if len(pair) != 2 or not 0 <= pair[0] < pair[1] < m.n_layer:
+            raise ConfigError(f"'model.skip_connections' entries must be [from, to] with 0 <= from < to < {m.n_layer}, got {pair}")
+    if not -1 <= m.attn_input_layer < m.n_layer - 1:
+        raise ConfigError(f"'model.attn_input_layer' must be -1 or a layer before the last, got {m.attn_input_layer}")
+    if m.bigram_sign_rows and not m.bigram_vocab:
+        raise ConfigError("'model.bigram_sign_rows' needs model.bigram_vocab > 0")
+    if m.bigram_vocab < 0 or m.bigram_sign_rows < 0 or m.composable_window <= 0:
+        raise ConfigError("'model.bigram_vocab' and 'model.bigram_sign_rows' must be zero or positive, "
+                          "'model.composable_window' positive")
+    if (m.rotary_pairs != "halves" or m.yarn or m.key_offset or m.paired_head_layers) and m.positional != "rotary":
+        raise ConfigError("'model.rotary_pairs', 'model.yarn', 'model.key_offset' and 'model.paired_head_layers' "
+                          "need model.positional = rotary")
+    if m.mudd and m.attn_input_layer < 0:
+        raise ConfigError("'model.mudd' needs model.attn_input_layer (the saved activation it mixes in)")
+    if m.gate_generators and not 0 < m.gate_split_layer < m.n_layer:
+        raise ConfigError(f"'model.gate_split_layer' must be in 1..{m.n_layer - 1}, got {m.gate_split_layer}")
+    if m.head_init_std and m.tied_head:
+        raise ConfigError("'model.head_init_std' is for an untied head (model.tied_head = false); "
+                          "stages.head_tied ties it for some stages")
+
+
 def _validate_optim(o: OptimConfig) -> None:
     """Switches that only NorMuon reads, refused with any other optimizer rather than ignored (Muon
     stays the 2025 record's; cautious decay is also Adam's, so only Muon refuses it)."""
@@ -497,7 +584,8 @@ def _validate_optim(o: OptimConfig) -> None:
 
 def _validate_stages(cfg: Config) -> None:
     s, t = cfg.stages, cfg.train
-    lists = {k: getattr(s, k) for k in ("lr", "batch_tokens", "seq_len", "max_doc_len", "windows")}
+    lists = {k: getattr(s, k) for k in ("lr", "batch_tokens", "seq_len", "max_doc_len", "windows", "mtp_weights_start",
+                                        "mtp_weights_end", "prefix_weight_start", "prefix_weight_end", "head_tied")}
     if not s.ends:
         named = [k for k, v in lists.items() if v]
         if named:
@@ -519,6 +607,17 @@ def _validate_stages(cfg: Config) -> None:
             raise ConfigError(f"'stages.{name}' entries must be positive, got {values}")
     if any(v < 0 for v in s.max_doc_len) or cfg.data.max_doc_len < 0:
         raise ConfigError("'data.max_doc_len' and 'stages.max_doc_len' must be zero (no limit) or positive")
+    for name in ("mtp_weights", "prefix_weight"):
+        start, end = getattr(s, f"{name}_start"), getattr(s, f"{name}_end")
+        if bool(start) != bool(end) or any(len(a) != len(b) for a, b in zip(start, end) if isinstance(a, list)):
+            raise ConfigError(f"'stages.{name}_start' and 'stages.{name}_end' must be given together, entries of equal length")
+    if any(not w or w[0] <= 0 for w in s.mtp_weights_start + s.mtp_weights_end):
+        raise ConfigError("'stages.mtp_weights_*' entries must start with a positive next-token weight")
+    if s.head_tied and (cfg.model.tied_head or not cfg.model.head_init_std):
+        raise ConfigError("'stages.head_tied' needs model.tied_head = false and model.head_init_std > 0 "
+                          "(the embedding starts as the head's copy)")
+    if s.head_tied and any(a < b for a, b in zip(s.head_tied, s.head_tied[1:])):
+        raise ConfigError(f"'stages.head_tied' can untie once and never tie again, got {s.head_tied}")
     m = cfg.model
     for seq in s.seq_len:
         if m.attention == "flex" and seq % m.window_block:
@@ -556,7 +655,10 @@ def _validate_ranges(cfg: Config) -> None:
     below_one += [(f"optim.adam_betas[{i}]", b) for i, b in enumerate(o.adam_betas)]
     below_one += [(f"optim.role_adam_betas.{k}[{i}]", b) for k, v in o.role_adam_betas.items() for i, b in enumerate(v)]
     below_one += [("optim.normuon_beta2", o.normuon_beta2)]
-    for key in ("role_weight_decay", "role_adam_betas"):
+    checks_lr = [(f"optim.role_lr.{k}", v) for k, v in o.role_lr.items() if v < 0]
+    if checks_lr:
+        raise ConfigError(f"'{checks_lr[0][0]}' must be at least 0, got {checks_lr[0][1]}")
+    for key in ("role_weight_decay", "role_adam_betas", "role_lr"):
         unknown = sorted(set(getattr(o, key)) - set(ROLES))
         if unknown:
             raise ConfigError(f"'optim.{key}' names unknown role '{unknown[0]}'; roles are {', '.join(ROLES)}")

@@ -41,8 +41,10 @@ def param_groups(roles: dict[str, list[torch.Tensor]], cfg: OptimConfig) -> list
     groups = []
     for role in (r for r in ROLES if roles.get(r)):
         kind = cfg.hidden_optimizer if role == "hidden" else "adam"
-        decay = cfg.role_weight_decay.get(role, 0.0 if role == "scalar" else cfg.weight_decay)
-        group = dict(params=list(roles[role]), role=role, kind=kind, lr=lrs[role], base_lr=lrs[role], weight_decay=decay)
+        own = role in lrs  # the four first roles; the tagged ones default to scalar's lr and no decay
+        lr = lrs[role] if own else cfg.role_lr.get(role, cfg.lr_scalar)
+        decay = cfg.role_weight_decay.get(role, cfg.weight_decay if own and role != "scalar" else 0.0)
+        group = dict(params=list(roles[role]), role=role, kind=kind, lr=lr, base_lr=lr, weight_decay=decay)
         if kind == "adam":
             group["betas"] = tuple(cfg.role_adam_betas.get(role, cfg.adam_betas))
         groups.append(group)
