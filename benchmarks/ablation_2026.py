@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 # (run name, what it adds, the `--set` overrides it adds to every one before it). The last step's
-# sum is tiny-2026 (which keeps fp32 weights on CPU), as tests/test_stages.py checks.
+# sum is tiny-2026's optimizer, stages and data (it keeps fp32 weights on CPU), as tests/test_stages.py
+# checks; the model and loss of the record's second part are measured by `speedrun ablate`.
 PIECES = [
     ("0-tiny-2025", "the 2025 recipe (tiny)", []),
     ("1-polar-express", "Polar Express instead of the quintic", ["optim.orthogonalizer=polar_express"]),

@@ -1,15 +1,24 @@
-"""Attention masks and the attention backends (BACKENDS: FlexAttention and SDPA).
+"""Attention masks, the attention backends (BACKENDS: FlexAttention and SDPA), and the 2026
+record's extra attention pieces as functions.
 
 Which keys a query sees: key position <= query position, (with `document_mask`) the same
-document, where a document starts at each BOS token, and a sliding window in one of two
+document, where a document starts at each BOS token, and a sliding window in one of three
 granularities (ModelConfig.window_granularity):
 - "block", the record's: with n = window // window_block blocks (n // 2 on S layers, never fewer
   than one), a query in block i sees keys in blocks i - n + 1 .. i;
-- "token": query - key < window (window / 2 on S layers).
+- "token": query - key < window (window / 2 on S layers);
+- "varlen", the 2026 record's FlashAttention window_size=(window, 0): query - key <= window
+  (window / 2 on S layers).
+Where a schedule gives the S layers their own window (the 2026 stages), they use it unshrunk.
 Both backends apply exactly this rule: FlexAttention through block-sparse masks (`BlockMask`), the
 SDPA fallback through a dense boolean mask. Masks are built once per forward pass, one for the
 long window and one for the short, and shared by all layers. CPU and MPS always take the SDPA
 path (see `use_flex`).
+
+Paired-head layers (2026 record, A3) attend over 2T rows, two per token (see
+speedrun.rotary.to_pair_rows), with masks of their own (`build_masks(..., paired=True)`). The
+other pieces work on (B, T, H, D) tensors around the attention call: the partial key offset
+(A4), XSA (A6) and the post-softmax composable attention (A8).
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ from speedrun.config import ModelConfig
 from speedrun.data.tokenizer import EOT
 
 NO_WINDOW = 1 << 30  # a window longer than any sequence
+# mask_rule's `block` for the varlen rule; an int there is the block rule, None the token rule
+VARLEN = "varlen"
 
 
 def window_tokens(step: int, total_steps: int, cfg: ModelConfig) -> int:
@@ -79,23 +90,29 @@ def window_blocks(window: int | Tensor, block: int, shrink: int) -> int | Tensor
     return torch.clamp_min(n, 1) if isinstance(n, Tensor) else max(n, 1)
 
 
-def mask_rule(docs: Tensor | None, window: int | Tensor, shrink: int = 1, block: int | None = None):
+def _within(distance, window: int | Tensor, shrink: int, inclusive: bool):
+    """distance <= window / shrink (varlen) or < (token rule), as integer products (see mask_rule)."""
+    return distance * shrink <= window if inclusive else distance * shrink < window
+
+
+def mask_rule(docs: Tensor | None, window: int | Tensor, shrink: int = 1, block: int | str | None = None):
     """The mask_mod (b, h, q, kv) -> keep? shared by both backends; `block` None is the token rule
-    q - kv < window / shrink, a block size the block rule (see the module docstring).
+    q - kv < window / shrink, VARLEN the varlen rule q - kv <= window / shrink, a block size the
+    block rule (see the module docstring).
 
     `window` may be a 0-d tensor on the model's device, so a compiled model need not recompile as
-    the window grows. Both rules compare integer products with the window itself rather than a
+    the window grows. The rules compare integer products with the window itself rather than a
     window tensor divided inside the graph: a scalar tensor computed in the graph and captured by
     a mask_mod makes Inductor's CPU FlexAttention kernel fail to lower (torch 2.13). For the block
     rule, d = q // block - kv // block < max((window // block) // shrink, 1) is the same as
     d == 0 or (d + 1) * shrink * block <= window."""
 
     def keep(b, h, q, kv):
-        if block is None:
-            allowed = (q >= kv) & ((q - kv) * shrink < window)
-        else:
+        if isinstance(block, int):
             d = q // block - kv // block
             allowed = (q >= kv) & ((d == 0) | ((d + 1) * (shrink * block) <= window))
+        else:
+            allowed = (q >= kv) & _within(q - kv, window, shrink, block == VARLEN)
         if docs is not None:
             allowed = allowed & (docs[b, q] == docs[b, kv])
         return allowed
@@ -104,7 +121,7 @@ def mask_rule(docs: Tensor | None, window: int | Tensor, shrink: int = 1, block:
 
 
 def dense_mask(docs: Tensor | None, window: int | Tensor, shrink: int, batch: int, seq_len: int, device,
-               block: int | None = None) -> Tensor:
+               block: int | str | None = None) -> Tensor:
     """(B or 1, 1, T, T) boolean mask for SDPA, True where attention is allowed."""
     pos = torch.arange(seq_len, device=device)
     b = torch.arange(batch if docs is not None else 1, device=device)[:, None, None, None]
@@ -146,7 +163,9 @@ def flex_masks(docs: Tensor | None, window: int | Tensor, seq_len: int, block: i
 
     Block granularity builds the lists once and then, per letter, keeps the nearest n - 1 full
     blocks and as many nearest partial ones as fill n (at least the diagonal one), as the record
-    does. Its mask_mod repeats the window only for eager flex_attention, which ignores the lists."""
+    does. Its mask_mod repeats the window only for eager flex_attention, which ignores the lists.
+    The token and varlen granularities classify each block pair by its nearest and farthest
+    (q, kv) distance."""
     some, every, gap = _block_bounds(docs, seq_len, block, device)
     masks = {}
     if granularity == "block":
@@ -161,11 +180,13 @@ def flex_masks(docs: Tensor | None, window: int | Tensor, seq_len: int, block: i
                                                      seq_lengths=(seq_len, seq_len))
         return masks
     gap = gap * block  # distance between the blocks' first positions, in tokens
+    inclusive = granularity == VARLEN
+    rule = VARLEN if inclusive else None
     for letter, (size, shrink) in letter_windows(window, short).items():
-        full = every & ((gap + block - 1) * shrink < size)
-        partial = some & ((gap - block + 1) * shrink < size) & ~full
+        full = every & _within(gap + block - 1, size, shrink, inclusive)
+        partial = some & _within(gap - block + 1, size, shrink, inclusive) & ~full
         masks[letter] = BlockMask.from_kv_blocks(*_as_ordered(partial), *_as_ordered(full), BLOCK_SIZE=block,
-                                                 mask_mod=mask_rule(docs, size, shrink),
+                                                 mask_mod=mask_rule(docs, size, shrink, rule),
                                                  seq_lengths=(seq_len, seq_len))
     return masks
 
@@ -236,23 +257,34 @@ def use_flex(cfg: ModelConfig, seq_len: int, device: torch.device) -> bool:
     return attention_backend(cfg, seq_len, device) == "flex"
 
 
-def build_masks(idx: Tensor, window: int | Tensor, cfg: ModelConfig, short: int | Tensor | None = None) -> dict:
+def build_masks(idx: Tensor, window: int | Tensor, cfg: ModelConfig, short: int | Tensor | None = None,
+                paired: bool = False) -> dict:
     """Masks for one forward pass, keyed by long_short_pattern letter, in the form of the backend
     that runs it: a BlockMask (flex), a dense boolean mask or None for plain causal (sdpa). `short`,
-    when given, is the S layers' window in tokens; otherwise they see the long window halved."""
+    when given, is the S layers' window in tokens; otherwise they see the long window halved.
+    `paired`: the masks of paired-head layers, over the 2T rows of rotary.to_pair_rows: the same
+    rules with row r in token r // 2's document and the window counted in rows."""
     B, T = idx.shape
     docs = document_ids(idx) if cfg.document_mask else None
+    if paired:
+        T *= 2
+        docs = None if docs is None else docs.repeat_interleave(2, dim=1)
     return BACKENDS[attention_backend(cfg, T, idx.device)].masks(docs, window, short, cfg, B, T, idx.device)
 
 
-def window_rule_block(cfg: ModelConfig) -> int | None:
-    """The `block` argument of `mask_rule` for this config: the block size, or None for the token rule."""
-    return cfg.window_block if cfg.window_granularity == "block" else None
+def window_rule_block(cfg: ModelConfig) -> int | str | None:
+    """The `block` argument of `mask_rule` for this config: the block size, None for the token rule
+    or VARLEN."""
+    if cfg.window_granularity == "block":
+        return cfg.window_block
+    return VARLEN if cfg.window_granularity == VARLEN else None
 
 
-def farthest_key(window: int, shrink: int, block: int | None) -> int:
+def farthest_key(window: int, shrink: int, block: int | str | None) -> int:
     """How many positions back, at most, a query can see, plus one: what a KV cache must hold."""
-    return window_blocks(window, block, shrink) * block if block is not None else -(-window // shrink)
+    if isinstance(block, int):
+        return window_blocks(window, block, shrink) * block
+    return window // shrink + 1 if block == VARLEN else -(-window // shrink)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float) -> Tensor:
@@ -261,3 +293,79 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float) -> Tensor:
         if backend.owns(mask):
             return backend.attend(q, k, v, mask, scale)
     raise TypeError(f"no attention backend takes a mask of type {type(mask).__name__}")
+
+
+def key_offset(k: Tensor) -> Tensor:
+    """(B, T, H, D) keys after rotary -> keys whose dims D/2 .. D - 1 (the unrotated ones) at
+    position t >= 1 come from position t - 1 (2026 record, A4): a query matching them finds the
+    token after an earlier match, an induction head in one layer. Position 0 keeps its own."""
+    half = k.size(-1) // 2
+    previous = torch.cat([k[:, :1, :, half:], k[:, :-1, :, half:]], dim=1)
+    return torch.cat([k[..., :half], previous], dim=-1)
+
+
+def xsa(y: Tensor, v: Tensor, alpha: Tensor) -> Tensor:
+    """Gated XSA (2026 record, A6): y, v (B, T, H, D), alpha (B, T, H) -> y minus tanh(alpha) times
+    its projection on the query position's own value, per head."""
+    along = (y * v).sum(-1, keepdim=True) / v.square().sum(-1, keepdim=True).clamp_min(1e-8)
+    return y - torch.tanh(alpha).type_as(y)[..., None] * along * v
+
+
+def _query_chunks(x: Tensor, chunk: int, chunks: int) -> Tensor:
+    """(B, H, T, ...) -> (B, H, n, chunk, ...), zero padded at the end to n whole chunks."""
+    pad = chunks * chunk - x.size(2)
+    x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
+    return x.unflatten(2, (chunks, chunk))
+
+
+def _key_windows(x: Tensor, chunk: int, chunks: int, window: int) -> Tensor:
+    """(B, H, T, ...) -> (B, H, n, chunk + window - 1, ...): for query chunk c, positions
+    c·chunk - window + 1 .. (c + 1)·chunk - 1, zero padded outside 0 .. T - 1."""
+    span = chunk + window - 1
+    pad = chunks * chunk - x.size(2)
+    x = F.pad(x, (0, 0) * (x.dim() - 3) + (window - 1, pad))
+    return x.unfold(2, span, chunk).movedim(-1, 3)
+
+
+def _composable_allowed(docs: Tensor | None, seq_len: int, chunk: int, chunks: int, window: int, device) -> Tensor:
+    """(B or 1, 1, n, chunk, chunk + window - 1): whether query a of chunk c sees key i of its
+    window (see _key_windows). Their distance a + window - 1 - i must lie in [0, window) and both
+    be in one document; padding gets a document of its own, so every row, padded ones included,
+    sees at least itself (no all-masked softmax row, whose NaNs would leak into the gradients)."""
+    if docs is None:
+        docs = torch.zeros(1, seq_len, dtype=torch.int64, device=device)
+    a = torch.arange(chunk, device=device)[:, None]
+    i = torch.arange(chunk + window - 1, device=device)[None, :]
+    near = (a + window - 1 - i >= 0) & (a + window - 1 - i < window)
+    labels = (docs.to(torch.int64) + 1)[:, None, :, None]  # (B, 1, T, 1), ids >= 1; padding is 0
+    query_docs = _query_chunks(labels, chunk, chunks)[:, 0, :, :, 0]
+    key_docs = _key_windows(labels, chunk, chunks, window)[:, 0, :, :, 0]
+    return (near & (query_docs[..., :, None] == key_docs[..., None, :]))[:, None]
+
+
+def composable_attention(q: Tensor, k: Tensor, v: Tensor, w1: Tensor, w2: Tensor, scale: float, window: int,
+                         docs: Tensor | None) -> Tensor:
+    """Post-softmax dynamically composable attention (2026 record, A8), the term added to the
+    attention output y. q, k, v (B, T, H, D); w1, w2 (B, T, H) per-token head weights; docs (B, T)
+    document ids or None. Each head's softmax(scale·q·k) is renormalised over the query's last
+    `window` keys in its document; A = Σ_h rms_h(w1)_h·P_h mixes the heads' probabilities, and head
+    h adds w2_h·(A @ v_h).
+
+    Queries go in chunks of `window`, each against the chunk + window - 1 keys it can reach, so
+    memory is O(T·window·H) rather than O(T²). Scores, probabilities and A are computed in float32
+    (float64 stays float64); A·w2 meets v in v's dtype, as the record's kernel does."""
+    if window < 1:
+        raise ValueError(f"composable attention needs a window of at least one key, got {window}")
+    T, H = q.shape[1], q.shape[2]
+    compute = torch.promote_types(q.dtype, torch.float32)
+    chunks = -(-T // window)
+    mix = F.rms_norm(w1.to(compute), (H,), eps=1e-6)  # over heads, per token
+    q_c, mix_c, w2_c = (_query_chunks(x, window, chunks) for x in (q.transpose(1, 2), mix.mT[..., None],
+                                                                    w2.to(compute).mT[..., None]))
+    k_w, v_w = (_key_windows(x.transpose(1, 2), window, chunks, window) for x in (k, v))
+    scores = (q_c.to(compute) @ k_w.to(compute).transpose(-1, -2)) * scale
+    allowed = _composable_allowed(docs, T, window, chunks, window, q.device)
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # (B, H, n, chunk, keys)
+    composed = (mix_c * probs).sum(dim=1, keepdim=True)
+    out = (w2_c * composed).to(v.dtype) @ v_w
+    return out.flatten(2, 3)[:, :, :T].transpose(1, 2)

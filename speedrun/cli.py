@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "speedrun.schedule",
     "speedrun.doctor",
     "speedrun.analysis",
+    "speedrun.ablate",
     "speedrun.sample",
     "speedrun.evaluate",
     "speedrun.export",

@@ -556,6 +556,10 @@ def _validate_model_2026(m: ModelConfig) -> None:
     if (m.rotary_pairs != "halves" or m.yarn or m.key_offset or m.paired_head_layers) and m.positional != "rotary":
         raise ConfigError("'model.rotary_pairs', 'model.yarn', 'model.key_offset' and 'model.paired_head_layers' "
                           "need model.positional = rotary")
+    if (m.mlp_recompute or m.fp8_mlp != "off") and m.activation != "relu2":
+        raise ConfigError("'model.mlp_recompute' and 'model.fp8_mlp' need model.activation = relu2")
+    if m.fp8_mlp_headroom <= 0 or m.value_embed_std <= 0:
+        raise ConfigError("'model.fp8_mlp_headroom' and 'model.value_embed_std' must be positive")
     if m.mudd and m.attn_input_layer < 0:
         raise ConfigError("'model.mudd' needs model.attn_input_layer (the saved activation it mixes in)")
     if m.gate_generators and not 0 < m.gate_split_layer < m.n_layer:
@@ -600,6 +604,10 @@ def _validate_stages(cfg: Config) -> None:
     for name, pair in pairs:
         if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
             raise ConfigError(f"'{name}' entries must be [short, long] in blocks with 0 < short <= long, got {pair}")
+    if cfg.model.yarn and not s.windows:
+        raise ConfigError("'model.yarn' needs 'stages.windows' (YaRN follows the stages' long windows)")
+    if cfg.model.key_offset and any(cfg.model.window_letter(i) == "L" for i in cfg.model.paired_head_layers):
+        raise ConfigError("'model.key_offset' applies to long-window layers, which must not be in model.paired_head_layers")
     if (s.windows or s.final_windows) and not cfg.model.sliding_window:
         raise ConfigError("'stages.windows' and 'stages.final_windows' need model.sliding_window = true")
     for name, values in (("lr", s.lr), ("batch_tokens", s.batch_tokens), ("seq_len", s.seq_len)):

@@ -232,7 +232,7 @@ class _SelfTest:
 def _selftest_setup(ctx: Context) -> _SelfTest:
     import torch
 
-    from speedrun.attention import flex_masks
+    from speedrun.attention import VARLEN, flex_masks
     from speedrun.prepare import activation_dtype
 
     m = ctx.cfg.model
@@ -243,7 +243,7 @@ def _selftest_setup(ctx: Context) -> _SelfTest:
     masks = flex_masks(docs, window, SELFTEST_T, SELFTEST_BLOCK, ctx.device, m.window_granularity)
     where = (f"{ctx.device.type}, {str(dtype).removeprefix('torch.')}, T={SELFTEST_T}, "
              + (f"{len(SELFTEST_BOS)} documents" if docs is not None else "no document mask"))
-    return _SelfTest(qkv, docs, window, dout, masks, SELFTEST_BLOCK if m.window_granularity == "block" else None,
+    return _SelfTest(qkv, docs, window, dout, masks, {"block": SELFTEST_BLOCK, "varlen": VARLEN}.get(m.window_granularity),
                      tol, 5e-2 if dtype == torch.bfloat16 else tol, where)
 
 

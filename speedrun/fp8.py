@@ -14,6 +14,9 @@ steps × micro-batch), so the gradients this op sees, that many times smaller, g
 copy whatever the world size (bit for bit when that number is a power of two). `torch._scaled_mm`
 also runs on CPU (every dtype combination used here), which the tests rely on; CUDA needs compute
 capability >= 8.9 and dimensions that are multiples of 16.
+
+The per-tensor helpers (amax_scale, to_e4m3, e4m3_matmul) are for speedrun.mlp, whose scales follow
+the data rather than being fixed per run.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from torch import Tensor
 
 
-def _compiled_on_cuda(fn):
+def compiled_on_cuda(fn):
     """Run `fn` compiled on CUDA, where fusing each scale-and-cast into one kernel matters, and as
     is elsewhere. torch.compile is only touched at the first CUDA call: importing it costs seconds."""
     compiled = None
@@ -38,6 +41,29 @@ def _compiled_on_cuda(fn):
         return compiled(first, *args)
 
     return run
+
+
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448.0
+
+
+def amax_scale(t: Tensor) -> Tensor:
+    """The per-tensor scale (fp32, 0-d) that maps t's largest magnitude onto E4M3_MAX; never 0, so an
+    all-zero tensor (a zero-initialised projection) still divides safely."""
+    return t.detach().abs().amax().float().clamp(min=1e-12) / E4M3_MAX
+
+
+def to_e4m3(t: Tensor, scale: Tensor) -> Tensor:
+    """t / scale in float8_e4m3fn, clamped to ±E4M3_MAX first: a delayed scale can be too small for
+    this call's values, and past the range older torch versions cast to NaN rather than saturate."""
+    # contiguous: _scaled_mm on CUDA takes row-major operands only
+    return (t.contiguous().float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def e4m3_matmul(a8: Tensor, a_scale: Tensor, b8: Tensor, b_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """(a8·a_scale) @ (b8·b_scale)^T for row-major e4m3 a8 (M, K) and b8 (N, K), accumulated fast."""
+    # _scaled_mm wants its second operand column-major: the transpose of a row-major b8 is exactly that
+    return torch._scaled_mm(a8, b8.t(), scale_a=a_scale, scale_b=b_scale, out_dtype=out_dtype,
+                            use_fast_accum=True)
 
 
 def _inverse(scale: float, like: Tensor) -> Tensor:
@@ -64,8 +90,8 @@ def _backward(grad: Tensor, x8: Tensor, w8: Tensor, x_scale: float, w_scale: flo
     return grad_x, grad_w
 
 
-_forward_impl = _compiled_on_cuda(_forward)
-_backward_impl = _compiled_on_cuda(_backward)
+_forward_impl = compiled_on_cuda(_forward)
+_backward_impl = compiled_on_cuda(_backward)
 
 
 @torch.library.custom_op("speedrun::fp8_mm", mutates_args=())

@@ -80,7 +80,15 @@ def next_token(logits: Tensor, temperature: float, top_k: int | None, generator:
 def generate(model: GPT, prompt: Tensor, max_tokens: int, windows: Windows, temperature: float = 0.0,
              top_k: int | None = None, generator: torch.Generator | None = None) -> Iterator[int]:
     """Yield up to `max_tokens` tokens following `prompt` (B=1, T) one at a time: the prompt is fed
-    once, then each new token alone, over a KV cache."""
+    once, then each new token alone, over a KV cache; a model that cannot use one
+    (GPT.caches_keys) is run over the whole sequence for every token instead."""
+    if not model.caches_keys:
+        seq = prompt
+        for _ in range(max_tokens):
+            logits = model(seq, window_tokens=windows.long, short_window=windows.short)[:, -1]
+            seq = torch.cat([seq, next_token(logits, temperature, top_k, generator)], dim=1)
+            yield int(seq[0, -1])
+        return
     cache = KVCache(model.cfg, windows)
     new = prompt
     for _ in range(max_tokens):

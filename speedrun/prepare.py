@@ -1,6 +1,6 @@
 """Where the model meets the hardware: one pass, `prepare`, settles for a device and a use what the
-model itself never asks about: the activation dtype, embedding tables in bf16, the FP8 head,
-torch.compile, and on CPU how host memory is allocated. Train, bench, evaluate and sample all go
+model itself never asks about: the activation dtype, embedding tables in bf16, the FP8 head and
+MLP, the prefix-token table of a prefix loss, torch.compile, and on CPU how host memory is allocated. Train, bench, evaluate and sample all go
 through it, so a run and a later evaluation of its weights compute the same way."""
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from torch import nn
 
 from speedrun.config import Config, ModelConfig
 from speedrun.data.corpus import cache_root
+from speedrun.mlp import MLP
 from speedrun.model import GPT
+from speedrun.prefix import gpt2_prefix_table
 
 # train: training mode, compiled as train.compile says, FP8 head where enabled.
 # eval: evaluation mode on batches of one shape, compiled on CUDA (FlexAttention's fused kernel).
@@ -91,6 +93,12 @@ def prepare(model: GPT, cfg: Config, device: torch.device, mode: str, sequences_
             p.data = p.data.bfloat16()
     fp8 = training and uses_fp8_head(m, device)
     model.lm_head.fp8_scales = [*m.fp8_scales[:2], m.fp8_scales[2] * sequences_per_loss] if fp8 else None
+    fp8_mlp = training and (m.fp8_mlp == "on" or (m.fp8_mlp == "auto" and fp8_supported(device)))
+    for module in model.modules():
+        if isinstance(module, MLP):
+            module.fp8 = fp8_mlp
+    if training and cfg.stages.prefix_weight_start:
+        model.prefix_table = gpt2_prefix_table(model.padded_vocab).to(device)
     model.train(training)
     compiled = cfg.train.compile if training else mode == "eval" and device.type == "cuda"
     if compiled:

@@ -31,7 +31,9 @@ from speedrun.evaluate import loss_sums
 from speedrun.model import GPT
 from speedrun.prepare import fp8_supported, prepare
 from speedrun.optim import apply_schedule, build_optimizers, schedule_at
-from speedrun.stages import grad_accum, shape_steps, step_plan, tokens_before, window_at
+from speedrun.optim.tied import add_embedding_grad, copy_head_to_embedding, untie
+from speedrun.stages import (StepPlan, grad_accum, graph_key, head_tied_at, shape_steps, step_plan, tokens_before,
+                             untie_step, window_at, yarn_windows)
 from speedrun.runlog import RunLog, device_description, mfu, peak_flops, peak_memory_mib
 
 
@@ -235,6 +237,7 @@ class Trainer:
         self.step = 0
         self.train_time_ms = 0.0
         self._windows: dict[int, torch.Tensor] = {}
+        self._yarn_windows: list[int] | None = None  # what the model's YaRN state follows; None: unknown
 
     # -- state that checkpoints carry -------------------------------------------------------------
     def state(self) -> dict:
@@ -270,23 +273,51 @@ class Trainer:
         """One optimizer step; returns this rank's mean loss as a device tensor, so that nothing
         here waits for the device (losses are fetched in batches, see StepLog)."""
         plan = step_plan(step, self.cfg)
-        windows = self._windows_at(step)
+        inputs_kw = {**self._windows_at(step), **self._loss_args(step, plan)}
+        self._follow_yarn(step)
         accum = grad_accum(plan, self.cfg, self.rt.world_size)
         total = torch.zeros((), device=self.device)
         batch = self.loader.next_batch(seq_len=plan.seq_len, batch_tokens=plan.batch_tokens, max_doc_len=plan.max_doc_len)
         for i, (inputs, targets) in enumerate(batch):
             self.grads.sync = i == accum - 1
-            loss = self.forward(inputs, targets, **windows)
+            loss = self.forward(inputs, targets, **inputs_kw)
             (loss / accum).backward()
             total += loss.detach()
         self.grads.wait()
         if self.cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         apply_schedule(self.optimizers, step, self.cfg)
+        tied = head_tied_at(step, self.cfg)
+        if tied:
+            add_embedding_grad(self.model.lm_head.weight, self.model.wte.weight)
         for opt in self.optimizers:
             opt.step()
+        if tied:
+            copy_head_to_embedding(self.model.lm_head.weight, self.model.wte.weight)
+        if step == untie_step(self.cfg):
+            head = self.model.lm_head.weight
+            untie(next(o for o in self.optimizers if any(p is head for g in o.param_groups for p in g["params"])),
+                  head, self.model.wte.weight)
         self.model.zero_grad(set_to_none=True)
         return total / accum
+
+    def _loss_args(self, step: int, plan: StepPlan) -> dict:
+        """The step's multi-token and prefix loss weights as device tensors (a compiled model does not
+        recompile as they ramp); nothing for a plain next-token loss."""
+        args = {}
+        if self.cfg.stages.mtp_weights_start:
+            args["future_weights"] = torch.tensor(plan.mtp_weights, device=self.device)
+        if graph_key(step, self.cfg)[2]:
+            args["prefix_weight"] = torch.tensor(plan.prefix_weight, device=self.device)
+        return args
+
+    def _follow_yarn(self, step: int) -> None:
+        """Bring YaRN's state (a model buffer) to the long windows trained with up to `step`."""
+        if self.cfg.model.yarn:
+            windows = yarn_windows(step, self.cfg)
+            if windows != self._yarn_windows:
+                self.model.set_yarn(windows)
+                self._yarn_windows = windows
 
     def validate(self, step: int) -> float:
         """The mean loss per token over the whole val set, every rank scoring its share of it."""
@@ -299,14 +330,14 @@ class Trainer:
 
     def warm_up_steps(self, steps: int) -> list[int]:
         """The steps a warm-up of `steps` per shape runs: that many from this step, and from the first
-        step of every later sequence length (the stages'), so that no compile lands on the clock.
-        Only the sequence length shapes a compiled graph (more tokens per step are more micro-steps
-        of the same shape); validation needs no warm-up: it is off the clock."""
-        starts, lengths = [], set()
-        for start in [self.step, *(s for s in shape_steps(self.cfg) if s > self.step)]:
-            seq_len = step_plan(start, self.cfg).seq_len
-            if seq_len not in lengths:
-                lengths.add(seq_len)
+        step of every later stage with a new graph_key (sequence length, multi-token weights, prefix
+        loss), so that no compile lands on the clock. More tokens per step are more micro-steps of
+        the same shape; validation needs no warm-up: it is off the clock."""
+        starts, keys = [], set()
+        for start in [self.step, *(s for s in [0, *self.cfg.stages.ends] if s > self.step)]:
+            key = graph_key(start, self.cfg)
+            if key not in keys and start < self.cfg.train.steps:
+                keys.add(key)
                 starts += range(start, min(start + steps, self.cfg.train.steps))
         return starts
 
@@ -324,6 +355,7 @@ class Trainer:
             self.train_step(step)
         seconds = watch.stop() / 1000
         self.model.load_state_dict(snapshot[0])
+        self._yarn_windows = None
         for opt, state in zip(self.optimizers, snapshot[1]):
             opt.load_state_dict(state)
         self.loader.load_state_dict(snapshot[2])

@@ -52,15 +52,16 @@ def test_the_default_loss_is_the_next_token_cross_entropy():
 
 
 def test_future_weights_sum_the_losses_against_later_tokens():
-    """Multi-token prediction's form: sum_k w_k * mean CE(logits[t], targets[t + k]) over the
-    positions that have a target k further on."""
+    """Multi-token prediction's form, as the record's loss kernel: each position's loss is
+    sum_k w_k * CE(logits[t], targets[t + k]) over the k whose target is in the sequence, and the
+    loss is their sum over all B·T positions divided by B·T."""
     h, (x, targets) = head(), data()
     logits = h(x, None)
     log_p = logits.log_softmax(-1)
     expected = 0.0
     for k, w in enumerate([1.0, 0.5, 0.25]):
         picked = [log_p[b, t, targets[b, t + k]] for b in range(B) for t in range(T - k)]
-        expected += w * -torch.stack(picked).mean()
+        expected += w * -torch.stack(picked).sum() / (B * T)
     got = h(x, None, targets, future_weights=[1.0, 0.5, 0.25])
     torch.testing.assert_close(got, expected)
     assert h(x, None, targets, future_weights=[1.0, 0.0]) == h(x, None, targets)

@@ -11,7 +11,8 @@ import speedrun.attention
 from speedrun.attention import NO_WINDOW
 from speedrun.config import load_config
 from speedrun.data.tokenizer import EOT
-from speedrun.model import GPT, Attention, rotary_tables
+from speedrun.model import GPT, Attention
+from speedrun.rotary import rotary_tables
 from conftest import prepared
 from torch.utils._python_dispatch import TorchDispatchMode
 
