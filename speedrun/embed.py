@@ -171,6 +171,11 @@ class BigramEmbedding(nn.Module):
     def reset_parameters(self) -> None:
         self.table.weight.zero_()
         self.table.weight.role = "value_embed"
+        self.fill_signs()
+
+    @torch.no_grad()
+    def fill_signs(self) -> None:
+        """(Re)compute the sign table, e.g. after `to_empty()` on a meta-built model."""
         if self.signs is not None and not self.signs.is_meta:
             self.signs.copy_(bigram_signs(*self.signs.shape))
 

@@ -28,6 +28,7 @@ def _build(cfg: Config, weights: Path, device: torch.device) -> GPT:
     with torch.device("meta"):
         model = GPT(cfg.model)
     model.to_empty(device=device)
+    model.init_derived_buffers()
     try:
         load_weights(model, str(weights), strict=True, device=str(device))
     except Exception as e:  # safetensors raises several types; all mean the same thing here

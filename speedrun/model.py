@@ -1,6 +1,6 @@
 """The GPT: one plain nn.Module whose every ModelConfig field is a switch.
 
-With the gpt2-speedrun preset it is modded-nanogpt's record model of 2025-01-26 (QK-norm, half
+With the gpt2-speedrun-2025 preset it is modded-nanogpt's record model of 2025-01-26 (QK-norm, half
 rotary, value embeddings, U-net skips, x0 mixing, ReLU^2, softcapped FP8 head, document-causal
 sliding-window FlexAttention); with gpt2-baseline it is nanoGPT's GPT-2 (learned positions,
 LayerNorm, GELU, biases, tied head, causal SDPA).
@@ -364,6 +364,13 @@ class GPT(nn.Module):
             self.wte.weight.copy_(self.lm_head.weight)
         if cfg.yarn:
             self.set_yarn([])
+
+    @torch.no_grad()
+    def init_derived_buffers(self) -> None:
+        """Refill the buffers that are not saved because they follow from the config (the bigram
+        sign table): what a model built on the meta device and loaded from weights needs."""
+        if self.bigram is not None and self.bigram.signs is not None:
+            self.bigram.fill_signs()
 
     @torch.no_grad()
     def set_yarn(self, long_windows: list[int]) -> None:

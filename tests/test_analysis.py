@@ -12,10 +12,10 @@ VAL_SET = {"sha256": "ab" * 32, "tokens": 10485760}
 
 
 def make_run(path, *, final=3.27, time_ms=180_000.0, steps=200, val_every=25, sets=(), seed=0, val_set=VAL_SET,
-             val=None, mfu=0.4, label="gpt2-speedrun"):
+             val=None, mfu=0.4, label="gpt2-speedrun-2025"):
     """A run directory as `speedrun train --out` leaves it: an exponential-ish loss curve from
     ln(vocab) down to `final`, a train record every step and a val record every `val_every`."""
-    cfg = load_config("gpt2-speedrun", overrides=[f"train.steps={steps}", f"train.seed={seed}", *sets])
+    cfg = load_config("gpt2-speedrun-2025", overrides=[f"train.steps={steps}", f"train.seed={seed}", *sets])
     path.mkdir(parents=True)
     (path / "config.toml").write_text(to_toml(cfg))
     tokens_per_step = cfg.data.batch_tokens
@@ -94,9 +94,9 @@ def test_compare_interpolates_time_to_loss_and_ratios(tmp_path, monkeypatch, cap
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["run", "config", "val", "loss", "time", "(s)", "tokens", "tok/s", "MFU", "time", "to",
                                 "3.5", "(s)", "time", "ratio"]
-    assert lines[2].split() == ["a", "gpt2-speedrun", "3.2000", "30.00", "118M", "3.93M", "40.0%", "20.00", "1.00×"]
+    assert lines[2].split() == ["a", "gpt2-speedrun-2025", "3.2000", "30.00", "118M", "3.93M", "40.0%", "20.00", "1.00×"]
     # b: 3.5 between 3.6 at 20 s and 3.3 at 45 s -> 20 + 25/3
-    assert lines[3].split() == ["b", "gpt2-speedrun", "3.3000", "45.00", "118M", "2.62M", "—", "28.33", "1.50×"]
+    assert lines[3].split() == ["b", "gpt2-speedrun-2025", "3.3000", "45.00", "118M", "2.62M", "—", "28.33", "1.50×"]
 
 
 def test_record_matches_scipy_and_numpy(tmp_path, monkeypatch, capsys):
@@ -122,7 +122,7 @@ def test_record_matches_scipy_and_numpy(tmp_path, monkeypatch, capsys):
     verdict = "record holds" if expect.pvalue < 0.05 else "not significant"
     assert f"verdict     {verdict}" in out
     row = out.strip().splitlines()[-1]
-    assert row.startswith(f"| 2.98 min | {np.mean(losses):.4f} ± ") and row.endswith("| gpt2-speedrun |")
+    assert row.startswith(f"| 2.98 min | {np.mean(losses):.4f} ± ") and row.endswith("| gpt2-speedrun-2025 |")
 
 
 def test_record_refuses_mixed_configs_val_sets_and_single_runs(tmp_path, monkeypatch, capsys):

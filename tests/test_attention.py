@@ -168,7 +168,7 @@ def test_window_tensor_gives_the_same_masks(granularity, block):
 
 
 def test_backend_choice():
-    cfg = load_config("gpt2-speedrun").model
+    cfg = load_config("gpt2-speedrun-2025").model
     assert use_flex(cfg, 1024, torch.device("cuda"))
     assert not use_flex(cfg, 1024, torch.device("cpu"))  # no flex backward on CPU
     assert not use_flex(cfg, 1000, torch.device("cuda"))  # not whole blocks
@@ -178,7 +178,7 @@ def test_backend_choice():
 
 def test_record_window_schedule():
     """The record's rule: 1728·t/T rounded up to a multiple of 128, at least 128."""
-    cfg = load_config("gpt2-speedrun").model
+    cfg = load_config("gpt2-speedrun-2025").model
     steps = 1770
     windows = [window_tokens(s, steps, cfg) for s in range(steps + 1)]
     reference = [max(128, math.ceil(Fraction(1728 * s, steps) / 128) * 128) for s in range(steps + 1)]
@@ -187,7 +187,7 @@ def test_record_window_schedule():
 
 
 def test_linear_window_schedule():
-    cfg = load_config("gpt2-speedrun", overrides=["model.window_schedule=linear"]).model
+    cfg = load_config("gpt2-speedrun-2025", overrides=["model.window_schedule=linear"]).model
     steps = 1770
     windows = [window_tokens(s, steps, cfg) for s in range(steps + 1)]
     assert windows[0] == cfg.window_min and windows[-1] == cfg.window_max

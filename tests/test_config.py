@@ -13,7 +13,7 @@ from speedrun.config import (CONFIG_VERSION, Config, ConfigError, from_dict, loa
 
 
 def test_every_preset_loads_and_round_trips_through_toml():
-    assert {"tiny", "baseline-tiny", "gpt2-speedrun", "gpt2-medium-speedrun", "gpt2-baseline"} <= set(preset_names())
+    assert {"tiny", "baseline-tiny", "gpt2-speedrun-2025", "gpt2-medium-speedrun", "gpt2-baseline"} <= set(preset_names())
     for name in preset_names():
         cfg = load_config(name)
         assert cfg.description
@@ -21,7 +21,7 @@ def test_every_preset_loads_and_round_trips_through_toml():
 
 
 def test_gpt2_speedrun_carries_the_record_numbers():
-    cfg = load_config("gpt2-speedrun")
+    cfg = load_config("gpt2-speedrun-2025")
     assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.head_dim, cfg.model.model_dim) == (12, 6, 128, 768)
     assert cfg.data.batch_tokens == 393216 and cfg.train.steps == 1770
     assert grad_accum(step_plan(0, cfg), cfg, 8) == 1 and grad_accum(step_plan(0, cfg), cfg, 1) == 8
@@ -63,7 +63,7 @@ def test_unknown_preset_and_missing_file(tmp_path):
 
 
 def test_scale_steps_keeps_schedule_fractions():
-    cfg = load_config("gpt2-speedrun")
+    cfg = load_config("gpt2-speedrun-2025")
     scale_steps(cfg, 177)
     assert cfg.train.steps == 177
     assert cfg.optim.muon_momentum_warmup_steps == 30  # 300 of 1770
@@ -71,7 +71,7 @@ def test_scale_steps_keeps_schedule_fractions():
 
 
 def test_world_size_that_does_not_divide_the_batch_is_refused():
-    cfg = load_config("gpt2-speedrun")
+    cfg = load_config("gpt2-speedrun-2025")
     with pytest.raises(ConfigError, match="not divisible by world size 3"):
         grad_accum(step_plan(0, cfg), cfg, 3)
 
@@ -130,7 +130,7 @@ def test_presets_list_only_what_differs_from_their_base(name):
 
 
 def test_a_preset_builds_on_its_base_chain():
-    tiny, speedrun = load_config("tiny"), load_config("gpt2-speedrun")
+    tiny, speedrun = load_config("tiny"), load_config("gpt2-speedrun-2025")
     assert tiny.optim.hidden_optimizer == "muon" and tiny.model.qk_norm and tiny.model.attention == "flex"
     assert tiny.optim.lr_hidden == speedrun.optim.lr_hidden and tiny.model.n_layer == 6
     medium = load_config("gpt2-medium-speedrun")
@@ -172,7 +172,7 @@ V1_SPARSE = {"model": {"n_layer": 4, "long_short_pattern": "LSSL", "value_embeds
 def test_a_saved_config_without_version_reads_with_version_1_defaults():
     """Version 1 saved configs had no version key and defaulted to the 2025 speedrun recipe."""
     cfg = from_dict(V1_SPARSE)
-    record = load_config("gpt2-speedrun")
+    record = load_config("gpt2-speedrun-2025")
     assert cfg.model.norm == "rms" and cfg.model.attention == "flex" and cfg.optim.hidden_optimizer == "muon"
     assert dataclasses.asdict(cfg.optim) == dataclasses.asdict(record.optim)
     assert from_dict({**V1_SPARSE, "version": 2}).model.norm == "layernorm"  # version 2: a plain GPT-2 underneath

@@ -19,7 +19,7 @@ from speedrun.fp8 import fp8_linear
 from speedrun.model import GPT
 from conftest import prepared
 
-SCALES = [2.0, 512.0, 2.0 ** 19]  # the default fp8_scales (tiny and gpt2-speedrun)
+SCALES = [2.0, 512.0, 2.0 ** 19]  # the default fp8_scales (tiny and gpt2-speedrun-2025)
 FORWARD_BOUND, GRAD_BOUND = 1.5 * 0.037, 1.5 * 0.059
 
 
@@ -100,7 +100,7 @@ def test_fp8_matches_float_matmul_on_cuda():
 
 A = 8  # accumulation steps of the small record's batch (8 sequences) on one GPU
 SEQ_TOKENS = 49152  # tokens in one sequence of the small record: each rank's mean cross-entropy per step
-HEAD = load_config("gpt2-speedrun").model  # the softcap (30, temperature 7.5) and vocabulary every preset with an FP8 head uses
+HEAD = load_config("gpt2-speedrun-2025").model  # the softcap (30, temperature 7.5) and vocabulary every preset with an FP8 head uses
 PADDED_VOCAB = -(-HEAD.vocab_size // HEAD.vocab_multiple) * HEAD.vocab_multiple  # 50,304 head rows
 
 # Raw head outputs u (the FP8 matmul's output, before the softcap) drawn i.i.d. N(mean, std).
@@ -252,7 +252,7 @@ def test_prepare_multiplies_the_grad_scale_by_sequences_per_loss():
     assert not torch.equal(flushed["lm_head.weight"], one["lm_head.weight"] / 8)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "gpt2-speedrun", "gpt2-medium-speedrun"])
+@pytest.mark.parametrize("preset", ["tiny", "gpt2-speedrun-2025", "gpt2-medium-speedrun"])
 def test_preset_grad_scale_leaves_room_in_e5m2(preset):
     """A logit gradient of one sequence's mean loss is at most (cap / temperature) · σ'(0) / seq_len
     = 1 / seq_len (σ' <= 1/4, cap / temperature = 4): times the grad scale it must stay below

@@ -93,7 +93,7 @@ def test_bench_checks_every_preset_before_measuring():
     r = run_cli("bench", "--preset", "tiny", "--vs", "no-such-preset", check=False)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "speedrun bench: error: unknown preset 'no-such-preset'; choose one of: "
-        "baseline-tiny, gpt2-baseline, gpt2-medium-speedrun, gpt2-speedrun, gpt2-speedrun-2026, tiny, tiny-2026"]
+        "baseline-tiny, gpt2-baseline, gpt2-medium-speedrun, gpt2-speedrun, gpt2-speedrun-2025, tiny, tiny-2026"]
 
 
 def test_bench_needs_at_least_one_timed_step():

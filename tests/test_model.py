@@ -49,7 +49,7 @@ def n_params(model):
 
 def test_gpt2_speedrun_parameter_count():
     with torch.device("meta"):
-        model = GPT(load_config("gpt2-speedrun").model)
+        model = GPT(load_config("gpt2-speedrun-2025").model)
     vocab, padded, d, layers = 50257, 50304, 768, 12
     table = vocab * d  # lookup tables have the vocabulary's rows; the head is padded to a multiple of 128
     attention = 3 * d * d + d * d  # fused qkv + output projection
@@ -58,7 +58,7 @@ def test_gpt2_speedrun_parameter_count():
                + 2 * 6 + 1 * 5  # value mixing: (a, b) in the 6 value-embedding layers, a in the 5 other attention layers
                + layers // 2)  # U-net skip weights
     expected = table + 3 * table + 11 * attention + 12 * mlp + padded * d + scalars
-    print(f"gpt2-speedrun parameters: {n_params(model):,} (expected {expected:,})")
+    print(f"gpt2-speedrun-2025 parameters: {n_params(model):,} (expected {expected:,})")
     assert n_params(model) == expected == 275_598_383
     assert all(p.device.type == "meta" for p in model.parameters())
 
@@ -73,7 +73,7 @@ def test_gpt2_baseline_parameter_count():
     print(f"gpt2-baseline parameters: {n_params(model):,}")
 
 
-@pytest.mark.parametrize("preset", ["gpt2-speedrun", "gpt2-baseline", "tiny", "baseline-tiny"])
+@pytest.mark.parametrize("preset", ["gpt2-speedrun-2025", "gpt2-baseline", "tiny", "baseline-tiny"])
 def test_param_groups_partition_the_parameters(preset):
     with torch.device("meta"):
         model = GPT(load_config(preset).model)
@@ -95,7 +95,7 @@ def test_flops_per_token():
     matmul = 12 * 12 * d * d + 50304 * d  # block matrices (no biases) + the tied head
     attention = 12 * 12 * d * (T + 1) / 2  # causal: a query sees (t + 1) keys, on average (T + 1) / 2
     assert model.flops_per_token(T) == pytest.approx(6 * matmul + attention)
-    cfg = load_config("gpt2-speedrun").model
+    cfg = load_config("gpt2-speedrun-2025").model
     with torch.device("meta"):
         model = GPT(cfg)
     # seq_len far beyond the windows: each query sees ~window keys (1792 in L layers, 896 in S)

@@ -145,7 +145,7 @@ def test_muon_state_dict_resumes_exactly():
         assert torch.equal(p, q)
 
 
-RECORD = load_config("gpt2-speedrun").optim  # Muon for the hidden matrices, the record's Adam settings
+RECORD = load_config("gpt2-speedrun-2025").optim  # Muon for the hidden matrices, the record's Adam settings
 
 
 # -- schedules ------------------------------------------------------------------------------------

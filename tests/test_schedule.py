@@ -33,11 +33,11 @@ def record_lr(step: int, total: int = T) -> float:
 
 @pytest.fixture(scope="module")
 def record() -> dict:
-    return json.loads(run_cli("schedule", "--preset", "gpt2-speedrun", "--json").stdout)
+    return json.loads(run_cli("schedule", "--preset", "gpt2-speedrun-2025", "--json").stdout)
 
 
 def test_record_header(record):
-    assert (record["preset"], record["steps"], record["window_block"]) == ("gpt2-speedrun", T, 128)
+    assert (record["preset"], record["steps"], record["window_block"]) == ("gpt2-speedrun-2025", T, 128)
     assert [r["step"] for r in record["rows"]] == list(range(T + 1))
 
 
@@ -74,7 +74,7 @@ def test_record_batch_constant(record):
 
 
 def test_steps_scales_every_schedule(capsys):
-    out = json.loads(schedule(capsys, "--preset", "gpt2-speedrun", "--steps", "177", "--json"))
+    out = json.loads(schedule(capsys, "--preset", "gpt2-speedrun-2025", "--steps", "177", "--json"))
     rows = out["rows"]
     assert out["steps"] == 177 and len(rows) == 178
     assert rows[0]["window_long_tokens"] == 128 and rows[-1]["window_long_tokens"] == 1792
@@ -85,9 +85,9 @@ def test_steps_scales_every_schedule(capsys):
 
 
 def test_table_lists_every_change_point(record, capsys):
-    out = schedule(capsys, "--preset", "gpt2-speedrun")
+    out = schedule(capsys, "--preset", "gpt2-speedrun-2025")
     lines = out.splitlines()
-    assert lines[0].startswith("gpt2-speedrun: 1770 steps; rows where a value changes")
+    assert lines[0].startswith("gpt2-speedrun-2025: 1770 steps; rows where a value changes")
     printed = {int(line.split()[0]) for line in lines if line.split()[0].isdigit()}
     rows = record["rows"]
     window_changes = {s for s in range(1, T + 1)
@@ -121,7 +121,7 @@ def test_no_window_and_no_muon():
 
 def test_plot_writes_png(tmp_path):
     path = tmp_path / "schedule.png"
-    r = run_cli("schedule", "--preset", "gpt2-speedrun", "--plot", str(path))
+    r = run_cli("schedule", "--preset", "gpt2-speedrun-2025", "--plot", str(path))
     assert r.stdout.strip() == str(path)
     data = path.read_bytes()
     assert len(data) > 1000 and data.startswith(b"\x89PNG")
@@ -129,7 +129,7 @@ def test_plot_writes_png(tmp_path):
 
 def test_plot_bad_folder_is_one_line(tmp_path):
     path = tmp_path / "missing" / "schedule.png"
-    r = run_cli("schedule", "--preset", "gpt2-speedrun", "--plot", str(path), check=False)
+    r = run_cli("schedule", "--preset", "gpt2-speedrun-2025", "--plot", str(path), check=False)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert "does not exist" in r.stderr and not path.parent.exists()

@@ -1,4 +1,4 @@
-"""Training in stages (the 2026 record): `speedrun schedule --json` of gpt2-speedrun-2026 at every
+"""Training in stages (the 2026 record): `speedrun schedule --json` of gpt2-speedrun at every
 stage boundary against the record's numbers (../shared/docs/record-2026.md §2.6, §2.7, §2.9),
 scaling with --steps, the checks on [stages], and what the trainer derives from them."""
 
@@ -12,7 +12,7 @@ from conftest import run_cli
 from speedrun.config import ConfigError, load_config, scale_steps, to_dict
 from speedrun.stages import shape_steps, step_plan, tokens_before
 
-PRESET = "gpt2-speedrun-2026"
+PRESET = "gpt2-speedrun"
 
 
 def record_lr(step: int) -> float:
