@@ -2,8 +2,12 @@
 
 With the gpt2-speedrun-2025 preset it is modded-nanogpt's record model of 2025-01-26 (QK-norm, half
 rotary, value embeddings, U-net skips, x0 mixing, ReLU^2, softcapped FP8 head, document-causal
-sliding-window FlexAttention); with gpt2-baseline it is nanoGPT's GPT-2 (learned positions,
-LayerNorm, GELU, biases, tied head, causal SDPA).
+sliding-window FlexAttention); with gpt2-speedrun, the record of 2026-07-17 (11 blocks, smear gate,
+bigram hash, gated per-layer value embeddings, residual scalars, a skip and a saved activation,
+MUDD connections and gate generators, paired heads, XSA, composable attention, key offset, YaRN;
+docs/model-2026.md); with gpt2-baseline it is nanoGPT's GPT-2 (learned positions, LayerNorm, GELU,
+biases, tied head, causal SDPA). The 2026 pieces reach each block through LayerExtras, built per
+block by GPT._enter_block; a model without them passes None and computes what it always did.
 
 Weights are stored in fp32 and cast to the activations' dtype where they are used. There is no
 autocast: `speedrun.prepare` picks the activation dtype (ModelConfig.activation_dtype; bf16

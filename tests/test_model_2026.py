@@ -2,6 +2,7 @@
 parameter counts, start values that reproduce the simpler model, and the trainer's stage-driven
 pieces (tied-then-untied head, YaRN)."""
 
+import copy
 import math
 
 import pytest
@@ -156,3 +157,62 @@ def test_a_saved_model_loads_with_its_derived_buffers(tmp_path):
     assert torch.equal(loaded.bigram.signs, model.bigram.signs)
     assert int(loaded.yarn_window) == 256
     torch.testing.assert_close(loaded(idx, **kw), model.eval()(idx, **kw), rtol=0, atol=0)
+
+
+def test_the_record_preset_gives_every_adam_group_the_record_numbers():
+    """record-2026.md §4, role by role: lr, betas and weight decay of each parameter group."""
+    from speedrun.optim import param_groups
+
+    cfg = load_config("gpt2-speedrun")
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    groups = {g["role"]: g for g in param_groups(model.param_groups(), cfg.optim)}
+    expected = {  # role: (lr, betas, weight decay)
+        "head": (0.008, (0.5, 0.95), 0.75), "embed": (0.008, (0.5, 0.95), 0.75),
+        "value_embed": (0.6, (0.75, 0.95), 0.025), "scalar": (0.04, (0.9, 0.99), 0.0),
+        "smear": (8e-5, (0.9, 0.99), 0.0), "gate": (0.008, (0.9, 0.99), 0.005),
+        "resid": (0.04, (0.9, 0.95), 0.0), "branch": (0.008, (0.9, 0.95), 0.0),
+        "mudd": (0.002, (0.9, 0.99), 0.005), "mudd_bias": (0.002, (0.9, 0.99), 0.0),
+        "gate_gen": (0.0008, (0.9, 0.99), 0.005), "gate_gen_bias": (0.0008, (0.9, 0.99), 0.0),
+    }
+    assert set(groups) == set(expected) | {"hidden"}
+    for role, (lr, betas, decay) in expected.items():
+        g = groups[role]
+        assert (g["kind"], g["lr"], g["betas"], g["weight_decay"]) == ("adam", lr, betas, decay), role
+    assert groups["hidden"]["kind"] == "normuon" and groups["hidden"]["lr"] == 0.023
+    # the bigram table trains with the value embeddings, the smear λ and skip logit with the scalars
+    value_embed = {id(p) for p in groups["value_embed"]["params"]}
+    assert id(model.bigram.table.weight) in value_embed
+    scalars = {id(p) for p in groups["scalar"]["params"]}
+    assert id(model.smear.strength) in scalars and id(model.skip_logits) in scalars
+
+
+@pytest.mark.gpu
+def test_the_2026_model_trains_compiled_on_cuda_against_float32():
+    """The whole 2026 model as `speedrun train` runs it on a GPU: compiled, bf16 activations,
+    FlexAttention with varlen and paired-head masks, the FP8 MLP and head where the GPU has FP8.
+    Its loss is within bf16/FP8 distance of an eager float32 copy, its gradients are finite, and a
+    second step with other loss weights and YaRN state compiles nothing new."""
+    from speedrun.config import Config, TrainConfig
+    from speedrun.prepare import prepare
+
+    cfg = load_config("gpt2-speedrun", overrides=[*SMALL, "model.zero_init_proj=false"]).model
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.02)
+        model.bigram.table.weight.normal_()
+    reference = copy.deepcopy(model).cuda()
+    run = prepare(model, Config(model=cfg, train=TrainConfig(compile=True)), torch.device("cuda"), "train")
+    idx = tokens(T=256).cuda()
+    kw = dict(window_tokens=torch.tensor(128, device="cuda"), short_window=torch.tensor(64, device="cuda"))
+    weights = torch.tensor([1.0, 0.5], device="cuda")
+    loss = run(idx, idx, future_weights=weights, **kw)
+    loss.backward()
+    expected = reference(idx, idx, future_weights=weights, **kw)
+    assert abs(loss.item() - expected.item()) < 0.05 * expected.item()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    torch._dynamo.utils.counters.clear()
+    model.set_yarn([128, 256])
+    run(idx, idx, future_weights=torch.tensor([1.0, 0.25], device="cuda"), **kw).backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
