@@ -162,8 +162,12 @@ def test_warm_up_steps_cover_every_batch_shape_still_to_come():
     from speedrun.distributed import setup
     from speedrun.train import Trainer
 
+    record = load_config("gpt2-speedrun").stages  # the record's loss weights by stage
     cfg = load_config("tiny-2026", overrides=["stages.seq_len=[256, 512, 512, 512]",
-                                              "stages.batch_tokens=[512, 1024, 2048, 2048]", "train.compile=false"])
+                                              "stages.batch_tokens=[512, 1024, 2048, 2048]", "train.compile=false",
+                                              *(f"stages.{key}={getattr(record, key)}" for key in
+                                                ("mtp_weights_start", "mtp_weights_end", "prefix_weight_start",
+                                                 "prefix_weight_end"))])
     trainer = Trainer(cfg, setup("cpu"), "test")
     assert trainer.warm_up_steps(2) == [0, 1, 23, 24, 46, 47]
     trainer.step = 30  # resumed in stage 2: its own graph from here, then stage 3's
