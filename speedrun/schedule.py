@@ -1,6 +1,7 @@
 """`speedrun schedule`: every scheduled quantity of a preset at every step (stage, lr multiplier,
 Muon momentum, long and short attention windows, tokens per step, sequence length, maximum
-document length), as a table, JSON or
+document length; in JSON also the multi-token and prefix loss weights and whether the head is
+tied), as a table, JSON or
 a figure, computed from the same functions training calls, so a recipe can be read at a glance
 and checked against the record without a GPU.
 
@@ -18,7 +19,7 @@ from speedrun.attention import NO_WINDOW, SHRINK, window_blocks
 from speedrun.config import Config, load_config, scale_steps
 from speedrun.errors import SpeedrunError, UsageError
 from speedrun.optim import schedule_at
-from speedrun.stages import step_plan, window_at
+from speedrun.stages import head_tied_at, step_plan, window_at
 
 # Quantities that move linearly (or smoothly) between steps, and those that jump in steps.
 RAMPS = ("lr", "muon_momentum")
@@ -61,6 +62,8 @@ def schedule_rows(cfg: Config) -> list[dict]:
             "muon_momentum": momentum if cfg.optim.hidden_optimizer in ("muon", "normuon") else None,
             **_windows(step, cfg),
             "tokens_per_step": plan.batch_tokens, "seq_len": plan.seq_len, "max_doc_len": plan.max_doc_len,
+            "mtp_weights": list(plan.mtp_weights), "prefix_weight": plan.prefix_weight,
+            "head_tied": head_tied_at(step, cfg) if step < cfg.train.steps else None,
         })
     return rows
 

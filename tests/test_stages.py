@@ -10,6 +10,7 @@ import pytest
 
 from conftest import run_cli
 from speedrun.config import ConfigError, load_config, scale_steps, to_dict
+from speedrun.schedule import schedule_rows
 from speedrun.stages import shape_steps, step_plan, tokens_before
 
 PRESET = "gpt2-speedrun"
@@ -178,3 +179,19 @@ def test_warm_up_steps_cover_every_batch_shape_still_to_come():
     assert trainer.warm_up_steps(2) == [50, 51]
     trainer.step = 69  # the last step: nothing past the run
     assert trainer.warm_up_steps(2) == [69]
+
+
+def test_loss_weights_and_the_tied_head_follow_the_record_by_stage():
+    """The record's ramps: within a stage t = (step - start) / (end - start), never 1; MTP
+    [1, 0.5, 0.25 → 0], [1, 0.5 → 0], [1]; prefix 0.25, 0.25 → 0, 0; the head tied through step 847."""
+    rows = schedule_rows(load_config(PRESET))
+    ramp = lambda a, b, step, start, end: a + (b - a) * (step - start) / (end - start)  # noqa: E731
+    for step in (0, 200, 422):
+        assert rows[step]["mtp_weights"] == pytest.approx([1.0, 0.5, ramp(0.25, 0.0, step, 0, 423)])
+        assert rows[step]["prefix_weight"] == 0.25
+    for step in (423, 600, 846):
+        assert rows[step]["mtp_weights"] == pytest.approx([1.0, ramp(0.5, 0.0, step, 423, 847)])
+        assert rows[step]["prefix_weight"] == pytest.approx(ramp(0.25, 0.0, step, 423, 847))
+    assert rows[847]["mtp_weights"] == rows[1284]["mtp_weights"] == [1.0]
+    assert rows[847]["prefix_weight"] == 0.0
+    assert [rows[s]["head_tied"] for s in (0, 846, 847, 848, 1284)] == [True, True, True, False, False]
