@@ -79,9 +79,12 @@ def test_interrupted_run_says_so(tmp_path):
 
     from conftest import speedrun_cmd
     out = tmp_path / "run"
+    # SIGINT as a terminal delivers it: a suite started in the background (`cmd &` in a script)
+    # would otherwise hand the run an ignored SIGINT, and Python then never raises KeyboardInterrupt
     proc = subprocess.Popen(speedrun_cmd("train", "--preset", "tiny", "--steps", "400", "--out", str(out),
                                          "--set", "data.allow_repeat=true", *SMALL_RUN),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (out / "metrics.jsonl").is_file():
         time.sleep(0.2)
