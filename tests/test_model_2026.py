@@ -10,7 +10,6 @@ import torch
 
 from speedrun.config import load_config
 from speedrun.model import GPT
-from speedrun.optim.tied import untie  # noqa: F401  (the trainer's; imported so a missing module fails here)
 from speedrun.stages import untie_step, yarn_windows
 
 SMALL = ["model.n_layer=6", "model.n_head=2", "model.head_dim=32", "model.model_dim=64", "model.vocab_size=512",
