@@ -19,6 +19,7 @@ import torch
 
 from speedrun.config import load_config
 from speedrun.errors import UsageError
+from speedrun.prepare import graphs_compiled
 from speedrun.distributed import setup, teardown
 from speedrun.stages import step_plan
 from speedrun.runlog import device_description, mfu, peak_flops, peak_memory_mib
@@ -62,17 +63,6 @@ def measure(preset: str, overrides: list[str], steps: int, warmup: int, device: 
         "recompiles": recompiles,
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
     }
-
-
-def graphs_compiled() -> int:
-    """Graphs torch.compile has compiled in this process so far: Dynamo's own count of the FX graphs
-    it handed to a backend (`torch._dynamo.utils.counters["stats"]["unique_graphs"]`), which grows
-    by one for every first compile, recompile and graph-break fragment of any compiled function
-    (model, FlexAttention, Newton–Schulz, FP8 op). A backward graph is compiled by AOTAutograd at
-    its forward graph's first backward and is not counted on its own."""
-    from torch._dynamo.utils import counters
-
-    return counters["stats"]["unique_graphs"]
 
 
 def compile_latency(preset: str, overrides: list[str], device: str) -> dict:

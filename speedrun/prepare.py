@@ -41,6 +41,17 @@ def uses_fp8_head(cfg: ModelConfig, device: torch.device) -> bool:
     return cfg.fp8_head == "on" or (cfg.fp8_head == "auto" and fp8_supported(device))
 
 
+def graphs_compiled() -> int:
+    """Graphs torch.compile has compiled in this process so far: Dynamo's own count of the FX graphs
+    it handed to a backend (`torch._dynamo.utils.counters["stats"]["unique_graphs"]`), which grows
+    by one for every first compile, recompile and graph-break fragment of any compiled function
+    (model, FlexAttention, Newton–Schulz, FP8 op). A backward graph is compiled by AOTAutograd at
+    its forward graph's first backward and is not counted on its own."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def use_persistent_compile_cache() -> None:
     """Keep inductor's compiled kernels and graphs beside the corpus cache, so a second run of the
     same config skips most of compilation (torch's default lives in /tmp)."""

@@ -29,7 +29,7 @@ from speedrun.distributed import (GradientAverager, Runtime, all_reduce_sum, bac
 from speedrun.errors import DataError, SpeedrunError, UsageError, first_line
 from speedrun.evaluate import loss_sums
 from speedrun.model import GPT
-from speedrun.prepare import fp8_supported, prepare
+from speedrun.prepare import fp8_supported, graphs_compiled, prepare
 from speedrun.optim import apply_schedule, build_optimizers, schedule_at
 from speedrun.optim.tied import add_embedding_grad, copy_head_to_embedding, untie
 from speedrun.stages import (StepPlan, grad_accum, graph_key, head_tied_at, shape_steps, step_plan, tokens_before,
@@ -236,7 +236,8 @@ class Trainer:
                                   device=self.device, seed=cfg.train.seed)
         self.step = 0
         self.train_time_ms = 0.0
-        self._windows: dict[int, torch.Tensor] = {}
+        self.clock_compiles = 0  # graphs torch.compile compiled inside timed steps of this process
+        self._windows: dict[tuple[str, int], torch.Tensor] = {}
         self._yarn_windows: list[int] | None = None  # what the model's YaRN state follows; None: unknown
 
     # -- state that checkpoints carry -------------------------------------------------------------
@@ -253,20 +254,22 @@ class Trainer:
         """A checkpoint of this step in `run_dir`, keeping the newest `train.keep`."""
         checkpoint.save(run_dir, self.model, self.optimizers, self.state(), self.cfg, self.rt, keep=self.cfg.train.keep)
 
-    def _window_tensor(self, tokens: int | None) -> torch.Tensor | None:
+    def _window_tensor(self, kind: str, tokens: int | None) -> torch.Tensor | None:
         """A window as a device tensor, not an int, so a compiled model does not recompile as it
-        grows; one tensor per value, copied once from pinned memory without blocking the host."""
+        grows; one tensor per kind and value, copied once from pinned memory without blocking the
+        host. Per kind, because Dynamo guards on which inputs alias: long and short windows that are
+        one tensor while equal (tiny's first stage) would recompile the step they first differ."""
         if tokens is None:
             return None
-        if tokens not in self._windows:
+        if (kind, tokens) not in self._windows:
             host = torch.tensor(tokens, dtype=torch.int32, pin_memory=self.device.type == "cuda")
-            self._windows[tokens] = host.to(self.device, non_blocking=True)
-        return self._windows[tokens]
+            self._windows[kind, tokens] = host.to(self.device, non_blocking=True)
+        return self._windows[kind, tokens]
 
     def _windows_at(self, step: int) -> dict:
         """The forward's window arguments at `step` (step == train.steps: the final validation)."""
         long, short = window_at(step, self.cfg)
-        return {"window_tokens": self._window_tensor(long), "short_window": self._window_tensor(short)}
+        return {"window_tokens": self._window_tensor("long", long), "short_window": self._window_tensor("short", short)}
 
     # -- one optimizer step ---------------------------------------------------------------------
     def train_step(self, step: int) -> torch.Tensor:
@@ -567,7 +570,9 @@ def fit(trainer: Trainer, log: RunLog, run_dir: Path) -> float:
         if step < t.steps:
             if not watch.running:  # started at the first step, so the time before it is none
                 watch.start()
+            graphs = graphs_compiled()
             step_log.add(trainer.train_step(step))
+            trainer.clock_compiles += graphs_compiled() - graphs
             trainer.step = step + 1
             watch.mark(step + 1)
     step_log.close()
@@ -595,7 +600,10 @@ def _finish(trainer: Trainer, log: RunLog, run_dir: Path, val_loss: float, warm:
                "train_time_ms": round(trainer.train_time_ms, 3), "steps": cfg.train.steps,
                "tokens": tokens_before(cfg.train.steps, cfg), "world_size": rt.world_size,
                "peak_memory_mib": round(peak_memory_mib(rt.device), 1), "warmup_s": round(warm, 2),
-               "path": execution_path(trainer)}
+               "path": execution_path(trainer), "compiles_on_clock": trainer.clock_compiles}
+    if trainer.clock_compiles:
+        log.line(f"warning: torch.compile compiled {trainer.clock_compiles} graph(s) inside timed steps, so their "
+                 "compile time is in train_time: the warm-up missed a shape or a guard", echo=True)
     if rt.is_main:
         summary["val_set"] = val_fingerprint(trainer.val_files, val_tokens=cfg.data.val_tokens, seq_len=cfg.data.val_seq_len)
         checkpoint.write_json(run_dir / "summary.json", summary)

@@ -2,6 +2,7 @@
 at any world size, and a compiled run resumes exactly across a stage change. In a file of their own
 so that pytest-xdist (--dist loadfile) can run them beside the other multi-process files."""
 
+import json
 import os
 import subprocess
 import sys
@@ -69,3 +70,6 @@ def test_staged_2026_run_resumes_exactly_across_a_stage(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in (second / "log.txt").read_text()
     assert losses(second) == losses(first)
+    # the warm-up compiled every shape, so nothing compiled on the clock, across stages and on resume
+    for run in (first, second):
+        assert json.loads((run / "summary.json").read_text())["compiles_on_clock"] == 0, run
