@@ -1,5 +1,5 @@
-"""Ablation of the 2026 record's optimizer, schedule and data pieces on CPU: `tiny` (the 2025 recipe)
-and then each piece added on top of the one before, ending at `tiny-2026`, all on the built-in
+"""Ablation of the 2026 record's optimizer, schedule and data pieces on CPU: `tiny-2025` (the 2025 recipe)
+and then each piece added on top of the one before, ending at `tiny`'s optimizer, stages and data, all on the built-in
 corpus with the same seed; prints `speedrun compare` and writes val loss against train time.
 
     python benchmarks/ablation_2026.py [--out runs/ablation-2026] [--only N ...] [extra `speedrun train` args]
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 # (run name, what it adds, the `--set` overrides it adds to every one before it). The last step's
-# sum is tiny-2026's optimizer, stages and data (it keeps fp32 weights on CPU), as tests/test_stages.py
+# sum is tiny's optimizer, stages and data (it keeps fp32 weights on CPU), as tests/test_stages.py
 # checks; the model and loss of the record's second part are measured by `speedrun ablate`.
 PIECES = [
     ("0-tiny-2025", "the 2025 recipe (tiny)", []),
@@ -50,7 +50,7 @@ def main() -> int:
             continue
         print(f"== {name}: {what}", flush=True)
         sets = [arg for o in cumulative_overrides(i) for arg in ("--set", o)]
-        subprocess.run([*speedrun, "train", "--preset", "tiny", "--out", str(out / name), "--overwrite", *sets, *extra],
+        subprocess.run([*speedrun, "train", "--preset", "tiny-2025", "--out", str(out / name), "--overwrite", *sets, *extra],
                        check=True)
     runs = [str(out / name) for name, _, _ in PIECES if (out / name / "summary.json").exists()]
     subprocess.run([*speedrun, "compare", *runs], check=True)

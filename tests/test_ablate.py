@@ -50,7 +50,7 @@ class FakeTrain:
         (folder / "metrics.jsonl").write_text(json.dumps({"step": cfg.train.steps, "tokens": 512, "train_time_ms": time_ms,
                                                           "val_loss": loss}) + "\n")
         (folder / "summary.json").write_text(json.dumps({
-            "config": "tiny", "status": "finished", "final_val_loss": loss, "train_time_ms": time_ms,
+            "config": "tiny-2025", "status": "finished", "final_val_loss": loss, "train_time_ms": time_ms,
             "steps": cfg.train.steps, "tokens": 512, "path": {"device": "CPU test", "torch": "2.x", "cuda": "none"}}))
         return 0
 
@@ -112,7 +112,7 @@ def test_every_default_survives_the_set_override_it_is_passed_as():
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--off", "mudd"], ["--off model.mudd: already false", "preset tiny", "equal the base"]),
+    (["--off", "mudd"], ["--off model.mudd: already false", "preset tiny-2025", "equal the base"]),
     (["--off", "qk_norm", "--off", "smear_gate"], ["--off model.smear_gate: already false"]),
     (["--off", "qk_norm", "--set", "model.qk_norm=true"], ["--off model.qk_norm and --set model.qk_norm"]),
     (["--off", "seq_len"], ["ambiguous", "data.seq_len and stages.seq_len"]),
@@ -127,7 +127,7 @@ def test_errors_print_one_line_and_leave_nothing_behind(tmp_path, monkeypatch, c
     fake = FakeTrain({})
     monkeypatch.setattr(ablate, "launch_train", fake)
     monkeypatch.chdir(tmp_path)
-    preset = [] if "--preset" in argv else ["--preset", "tiny"]
+    preset = [] if "--preset" in argv else ["--preset", "tiny-2025"]
     assert speedrun(monkeypatch, "ablate", *preset, *argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("speedrun ablate: error: ") and err.count("\n") == 1
@@ -141,11 +141,11 @@ def test_an_out_folder_holding_something_else_is_refused_untouched(tmp_path, mon
     monkeypatch.setattr(ablate, "launch_train", fake)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
-    assert speedrun(monkeypatch, "ablate", "--preset", "tiny", "--off", "qk_norm", "--out", tmp_path / "out") == 2
+    assert speedrun(monkeypatch, "ablate", "--preset", "tiny-2025", "--off", "qk_norm", "--out", tmp_path / "out") == 2
     assert "holds no ablation" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"] and fake.calls == []
     (tmp_path / "file").write_text("")
-    assert speedrun(monkeypatch, "ablate", "--preset", "tiny", "--off", "qk_norm", "--out", tmp_path / "file") == 2
+    assert speedrun(monkeypatch, "ablate", "--preset", "tiny-2025", "--off", "qk_norm", "--out", tmp_path / "file") == 2
     assert "not a folder" in capsys.readouterr().err
 
 
@@ -158,15 +158,15 @@ def test_runs_interleave_seeds_and_arms_differ_only_in_their_switches(tmp_path, 
     fake = FakeTrain({(a, s): 3.3 for a in arms for s in range(3)})
     monkeypatch.setattr(ablate, "launch_train", fake)
     monkeypatch.chdir(tmp_path)
-    assert speedrun(monkeypatch, "ablate", "--preset", "tiny", "--off", "qk_norm", "--off", "x0_mix,unet_skips",
+    assert speedrun(monkeypatch, "ablate", "--preset", "tiny-2025", "--off", "qk_norm", "--off", "x0_mix,unet_skips",
                     "--seeds", 3, "--steps", 7, "--set", "data.val_tokens=2048", "--no-compile") == 0
     assert [(a, s) for a, s, _ in fake.calls] == [(a, s) for s in range(3) for a in arms]
-    out = next((tmp_path / "runs" / "ablate-tiny").iterdir())  # the default folder, runs/ablate-PRESET/<timestamp>
+    out = next((tmp_path / "runs" / "ablate-tiny-2025").iterdir())  # the default folder, runs/ablate-PRESET/<timestamp>
     off = {"base": set(), "off-qk_norm": {"model.qk_norm"}, "off-x0_mix+unet_skips": {"model.x0_mix", "model.unet_skips"}}
     for arm, seed, argv in fake.calls:
-        assert argv[argv.index("--out") + 1] == str(Path("runs") / "ablate-tiny" / out.name / arm / f"seed{seed}")
+        assert argv[argv.index("--out") + 1] == str(Path("runs") / "ablate-tiny-2025" / out.name / arm / f"seed{seed}")
         assert argv[argv.index("--steps") + 1] == "7" and "--no-compile" in argv
-        base = flat(to_dict(load_config("tiny", None, ["data.val_tokens=2048"])))
+        base = flat(to_dict(load_config("tiny-2025", None, ["data.val_tokens=2048"])))
         mine = flat(to_dict(ablate.run_config(argv)))
         changed = {k for k in base if base[k] != mine[k]}
         # --steps 7 scales tiny's 70-step schedules as `speedrun train --steps 7` does; --no-compile passes on
@@ -176,7 +176,7 @@ def test_runs_interleave_seeds_and_arms_differ_only_in_their_switches(tmp_path, 
         for key in off[arm]:
             assert mine[key] is False
     printed = capsys.readouterr().out.splitlines()
-    assert printed[:3] == [f"ablate tiny: 3 arms × 3 seeds = 9 runs in {Path('runs') / 'ablate-tiny' / out.name}",
+    assert printed[:3] == [f"ablate tiny-2025: 3 arms × 3 seeds = 9 runs in {Path('runs') / 'ablate-tiny-2025' / out.name}",
                            "[1/9] base seed 0: started", "[1/9] base seed 0: val loss 3.3000, train time 1.0 s"]
     assert printed[17] == "[9/9] off-x0_mix+unet_skips seed 2: started"
 
@@ -190,7 +190,7 @@ def test_summary_statistics_match_scipy(tmp_path, monkeypatch, capsys):
     times = {(a, s): 1000.0 * (s + 1) + (500 if a == "off-x0_mix" else 0) for a, s in losses}
     monkeypatch.setattr(ablate, "launch_train", FakeTrain(losses, times))
     out = tmp_path / "abl"
-    assert speedrun(monkeypatch, "ablate", "--preset", "tiny", "--off", "qk_norm", "--off", "x0_mix", "--seeds", 4,
+    assert speedrun(monkeypatch, "ablate", "--preset", "tiny-2025", "--off", "qk_norm", "--off", "x0_mix", "--seeds", 4,
                     "--out", out) == 0
     summary = json.loads((out / "summary.json").read_text())
     rows = {r["arm"]: r for r in summary["arms"]}
@@ -216,7 +216,7 @@ def test_summary_statistics_match_scipy(tmp_path, monkeypatch, capsys):
     assert (f"| off-x0_mix | model.x0_mix | 4 | {statistics.mean(same):.4f} ± {statistics.stdev(same):.4f} | 3.0 | "
             f"{statistics.mean(same) - statistics.mean(base):+.4f} | {p_same:.3g} |") in md
     assert "| base | — | 4 |" in md and summary["command"] in md
-    assert summary["command"] == (f"speedrun ablate --preset tiny --off model.qk_norm --off model.x0_mix --seeds 4 "
+    assert summary["command"] == (f"speedrun ablate --preset tiny-2025 --off model.qk_norm --off model.x0_mix --seeds 4 "
                                   f"--out {out}")
     runs = summary["runs"]
     assert [(r["arm"], r["seed"]) for r in runs] == [(a, s) for s in range(4) for a in ("base", "off-qk_norm", "off-x0_mix")]
@@ -228,7 +228,7 @@ def test_summary_statistics_match_scipy(tmp_path, monkeypatch, capsys):
 
 def test_one_seed_gives_no_p_value(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ablate, "launch_train", FakeTrain({("base", 0): 3.3, ("off-qk_norm", 0): 3.4}))
-    assert speedrun(monkeypatch, "ablate", "--preset", "tiny", "--off", "qk_norm", "--seeds", 1,
+    assert speedrun(monkeypatch, "ablate", "--preset", "tiny-2025", "--off", "qk_norm", "--seeds", 1,
                     "--out", tmp_path / "o") == 0
     row = json.loads((tmp_path / "o" / "summary.json").read_text())["arms"][1]
     assert row["p"] is None and row["loss_std"] is None and row["delta"] == pytest.approx(0.1)
@@ -240,7 +240,7 @@ def test_a_crashed_run_loses_nothing_else_and_the_same_command_finishes_it(tmp_p
     losses = {(a, s): 3.3 + 0.01 * s for a in ("base", "off-qk_norm") for s in range(3)}
     fake = FakeTrain(losses, crash={("off-qk_norm", 0)})
     monkeypatch.setattr(ablate, "launch_train", fake)
-    argv = ["ablate", "--preset", "tiny", "--off", "qk_norm", "--seeds", 2, "--out", tmp_path / "o"]
+    argv = ["ablate", "--preset", "tiny-2025", "--off", "qk_norm", "--seeds", 2, "--out", tmp_path / "o"]
     assert speedrun(monkeypatch, *argv) == 1
     assert [(a, s) for a, s, _ in fake.calls] == [("base", 0), ("off-qk_norm", 0), ("base", 1), ("off-qk_norm", 1)]
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
@@ -268,7 +268,7 @@ def test_a_crashed_run_loses_nothing_else_and_the_same_command_finishes_it(tmp_p
 def test_a_diverged_run_counts_as_not_finished(tmp_path, monkeypatch, capsys):
     losses = {("base", 0): 3.3, ("base", 1): 3.32, ("off-qk_norm", 0): float("nan"), ("off-qk_norm", 1): 3.4}
     monkeypatch.setattr(ablate, "launch_train", FakeTrain(losses))
-    assert speedrun(monkeypatch, "ablate", "--preset", "tiny", "--off", "qk_norm", "--seeds", 2,
+    assert speedrun(monkeypatch, "ablate", "--preset", "tiny-2025", "--off", "qk_norm", "--seeds", 2,
                     "--out", tmp_path / "o") == 1
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["runs"][1]["status"] == "diverged" and summary["runs"][1]["final_val_loss"] is None
@@ -282,7 +282,7 @@ def test_a_stopped_run_is_run_again_from_a_clean_directory(tmp_path, monkeypatch
     monkeypatch.setattr(ablate, "launch_train", fake)
     stopped = tmp_path / "o" / "base" / "seed0"
     stopped.mkdir(parents=True)
-    spec = ablate.Spec("tiny", (("model.qk_norm",),))
+    spec = ablate.Spec("tiny-2025", (("model.qk_norm",),))
     ablate.write_json(tmp_path / "o" / ablate.SPEC_FILE, {"spec": spec.to_json()})
     (stopped / "summary.json").write_text(json.dumps({"status": "interrupted", "step": 3}))
     (stopped / "log.txt").write_text("old\n")
@@ -295,13 +295,13 @@ def test_another_spec_in_the_out_folder_is_refused(tmp_path, monkeypatch, capsys
     fake = FakeTrain({(a, 0): 3.3 for a in ("base", "off-qk_norm", "off-x0_mix")})
     monkeypatch.setattr(ablate, "launch_train", fake)
     out = tmp_path / "o"
-    assert speedrun(monkeypatch, "ablate", "--preset", "tiny", "--off", "qk_norm", "--seeds", 1, "--out", out) == 0
+    assert speedrun(monkeypatch, "ablate", "--preset", "tiny-2025", "--off", "qk_norm", "--seeds", 1, "--out", out) == 0
     before = sorted(str(p) for p in out.rglob("*"))
     fake.calls.clear()
-    assert speedrun(monkeypatch, "ablate", "--preset", "tiny", "--off", "x0_mix", "--seeds", 1, "--out", out) == 2
+    assert speedrun(monkeypatch, "ablate", "--preset", "tiny-2025", "--off", "x0_mix", "--seeds", 1, "--out", out) == 2
     err = capsys.readouterr().err
     assert "holds an ablation of another spec (variants: [[\"model.qk_norm\"]] there, [[\"model.x0_mix\"]] now)" in err
-    assert speedrun(monkeypatch, "ablate", "--preset", "tiny", "--off", "qk_norm", "--steps", 5, "--seeds", 1,
+    assert speedrun(monkeypatch, "ablate", "--preset", "tiny-2025", "--off", "qk_norm", "--steps", 5, "--seeds", 1,
                     "--out", out) == 2
     assert "steps: null there, 5 now" in capsys.readouterr().err
     assert fake.calls == [] and sorted(str(p) for p in out.rglob("*")) == before
@@ -311,10 +311,10 @@ def test_a_finished_run_of_a_changed_config_is_not_mixed_in(tmp_path, monkeypatc
     fake = FakeTrain({("base", 0): 3.3, ("off-qk_norm", 0): 3.4})
     monkeypatch.setattr(ablate, "launch_train", fake)
     out = tmp_path / "o"
-    assert speedrun(monkeypatch, "ablate", "--preset", "tiny", "--off", "qk_norm", "--seeds", 1, "--out", out) == 0
+    assert speedrun(monkeypatch, "ablate", "--preset", "tiny-2025", "--off", "qk_norm", "--seeds", 1, "--out", out) == 0
     config = out / "base" / "seed0" / "config.toml"
     config.write_text(config.read_text().replace("n_layer = 6", "n_layer = 5").replace('"LSSSSL"', '"LSSSL"'))
-    assert speedrun(monkeypatch, "ablate", "--preset", "tiny", "--off", "qk_norm", "--seeds", 1, "--out", out) == 2
+    assert speedrun(monkeypatch, "ablate", "--preset", "tiny-2025", "--off", "qk_norm", "--seeds", 1, "--out", out) == 2
     assert "finished with another config than its arm's now (model.n_layer = 6 vs 5)" in capsys.readouterr().err
 
 
@@ -338,7 +338,7 @@ def test_a_real_two_arm_ablation_trains_both_and_compare_reads_them(tmp_path, mo
              "--set", "model.n_layer=4", "--set", 'model.long_short_pattern="LSSL"']
     monkeypatch.chdir(tmp_path)
     start = time.perf_counter()
-    code = speedrun(monkeypatch, "ablate", "--preset", "tiny", "--off", "qk_norm", "--seeds", 1, "--steps", 2,
+    code = speedrun(monkeypatch, "ablate", "--preset", "tiny-2025", "--off", "qk_norm", "--seeds", 1, "--steps", 2,
                     "--device", "cpu", "--no-compile", "--out", "abl", *small)
     assert time.perf_counter() - start < 60
     printed = capsys.readouterr().out
@@ -375,9 +375,9 @@ def test_ctrl_c_stops_the_ablation_and_says_how_to_continue(tmp_path, monkeypatc
         return fake(argv, folder)
 
     monkeypatch.setattr(ablate, "launch_train", interrupted)
-    argv = ["ablate", "--preset", "tiny", "--off", "qk_norm", "--seeds", 1, "--out", tmp_path / "o"]
+    argv = ["ablate", "--preset", "tiny-2025", "--off", "qk_norm", "--seeds", 1, "--out", tmp_path / "o"]
     assert speedrun(monkeypatch, *argv) == 130
-    assert f"to continue where this stopped: speedrun ablate --preset tiny --off model.qk_norm --seeds 1 --out {tmp_path / 'o'}" \
+    assert f"to continue where this stopped: speedrun ablate --preset tiny-2025 --off model.qk_norm --seeds 1 --out {tmp_path / 'o'}" \
         in capsys.readouterr().out
     assert not (tmp_path / "o" / "summary.json").exists()
     monkeypatch.setattr(ablate, "launch_train", fake)

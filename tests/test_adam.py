@@ -189,7 +189,7 @@ def test_parameters_without_grads():
     (["optim.adam_update_every=2"], RecordAdam),
 ])
 def test_build_picks_adamw_for_the_defaults(overrides, expected):
-    cfg = load_config("tiny", overrides=overrides).optim
+    cfg = load_config("tiny-2025", overrides=overrides).optim
     roles = {"embed": [torch.nn.Parameter(torch.zeros(8, 4))], "scalar": [torch.nn.Parameter(torch.zeros(3))]}
     opt = adam.build([g for g in param_groups(roles, cfg) if g["kind"] == "adam"], cfg)
     assert type(opt) is expected

@@ -97,7 +97,7 @@ def test_flex_equals_reference(layout, window, document_mask, granularity):
 
 @pytest.mark.parametrize("layout,window,document_mask,granularity", CASES)
 def test_sdpa_equals_reference(layout, window, document_mask, granularity):
-    cfg = load_config("tiny").model
+    cfg = load_config("tiny-2025").model
     cfg.attention, cfg.document_mask, cfg.sliding_window = "sdpa", document_mask, window != NO_WINDOW
     cfg.window_granularity = granularity
     idx = tokens(layout)

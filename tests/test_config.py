@@ -13,7 +13,7 @@ from speedrun.config import (CONFIG_VERSION, Config, ConfigError, from_dict, loa
 
 
 def test_every_preset_loads_and_round_trips_through_toml():
-    assert {"tiny", "baseline-tiny", "gpt2-speedrun-2025", "gpt2-medium-speedrun", "gpt2-baseline"} <= set(preset_names())
+    assert {"tiny-2025", "baseline-tiny", "gpt2-speedrun-2025", "gpt2-medium-speedrun", "gpt2-baseline"} <= set(preset_names())
     for name in preset_names():
         cfg = load_config(name)
         assert cfg.description
@@ -30,11 +30,11 @@ def test_gpt2_speedrun_carries_the_record_numbers():
 
 def test_layering_preset_then_file_then_overrides(tmp_path):
     f = tmp_path / "c.toml"
-    f.write_text('base = "tiny"\n[model]\nn_layer = 8\nlong_short_pattern = "LSSSSSSL"\n[train]\nsteps = 7\n')
+    f.write_text('base = "tiny-2025"\n[model]\nn_layer = 8\nlong_short_pattern = "LSSSSSSL"\n[train]\nsteps = 7\n')
     cfg = load_config(None, f, ["train.steps=9", "model.attention=sdpa", "optim.adam_betas=[0.9, 0.99]"])
     assert cfg.model.n_layer == 8 and cfg.train.steps == 9 and cfg.model.attention == "sdpa"
     assert cfg.optim.adam_betas == [0.9, 0.99]
-    assert cfg.model.model_dim == load_config("tiny").model.model_dim
+    assert cfg.model.model_dim == load_config("tiny-2025").model.model_dim
 
 
 @pytest.mark.parametrize("override, message", [
@@ -48,7 +48,7 @@ def test_layering_preset_then_file_then_overrides(tmp_path):
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config("tiny", None, [override])
+        load_config("tiny-2025", None, [override])
 
 
 def test_unknown_preset_and_missing_file(tmp_path):
@@ -97,7 +97,7 @@ def test_cli_presets_lists_each_with_a_description():
 ])
 def test_cli_shape_errors_are_one_line_before_any_work(override, message):
     """Shapes that cannot build a model are config errors (exit 2), not a traceback from the model."""
-    r = subprocess.run([sys.executable, "-m", "speedrun", "train", "--preset", "tiny", "--set", override],
+    r = subprocess.run([sys.executable, "-m", "speedrun", "train", "--preset", "tiny-2025", "--set", override],
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"speedrun train: error: {message}"]
@@ -130,7 +130,7 @@ def test_presets_list_only_what_differs_from_their_base(name):
 
 
 def test_a_preset_builds_on_its_base_chain():
-    tiny, speedrun = load_config("tiny"), load_config("gpt2-speedrun-2025")
+    tiny, speedrun = load_config("tiny-2025"), load_config("gpt2-speedrun-2025")
     assert tiny.optim.hidden_optimizer == "muon" and tiny.model.qk_norm and tiny.model.attention == "flex"
     assert tiny.optim.lr_hidden == speedrun.optim.lr_hidden and tiny.model.n_layer == 6
     medium = load_config("gpt2-medium-speedrun")
@@ -142,9 +142,9 @@ def test_a_file_names_its_base_and_lists_only_changes(tmp_path):
     f.write_text('base = "baseline-tiny"\n[model]\nn_layer = 4\n')
     cfg = load_config(None, f)
     assert to_dict(cfg) == {**_resolved("baseline-tiny"), "model": {**_resolved("baseline-tiny")["model"], "n_layer": 4}}
-    f.write_text('preset = "tiny"\n')  # the older spelling
-    assert to_dict(load_config(None, f)) == _resolved("tiny")
-    f.write_text('base = "tiny"\npreset = "tiny"\n')
+    f.write_text('preset = "tiny-2025"\n')  # the older spelling
+    assert to_dict(load_config(None, f)) == _resolved("tiny-2025")
+    f.write_text('base = "tiny-2025"\npreset = "tiny-2025"\n')
     with pytest.raises(ConfigError, match="mine.toml: give either 'base' or 'preset'"):
         load_config(None, f)
     f.write_text('base = "tinyy"\n')
@@ -160,9 +160,9 @@ def test_a_loop_of_bases_is_one_error(monkeypatch):
 
 
 def test_saved_configs_carry_the_version():
-    text = to_toml(load_config("tiny"))
+    text = to_toml(load_config("tiny-2025"))
     assert text.startswith(f"version = {CONFIG_VERSION}\n")
-    assert to_dict(load_config("tiny"))["version"] == CONFIG_VERSION
+    assert to_dict(load_config("tiny-2025"))["version"] == CONFIG_VERSION
 
 
 V1_SPARSE = {"model": {"n_layer": 4, "long_short_pattern": "LSSL", "value_embeds": 1, "skip_attn_layers": []},
@@ -217,7 +217,7 @@ def test_a_version_1_file_on_a_base_keeps_what_it_leaves_out(tmp_path, base, opt
     assert (o.hidden_optimizer, o.lr_hidden, o.lr_head, o.lr_embed, o.lr_scalar) == expected
 
 
-@pytest.mark.parametrize("text", ['base = "tiny"\n[optim]\nmuon = false\n', "[optim]\nmuon = false\n",
+@pytest.mark.parametrize("text", ['base = "tiny-2025"\n[optim]\nmuon = false\n', "[optim]\nmuon = false\n",
                                   "[optim]\nmuon = false\nlr_adam = 0\n"])
 def test_version_1_adam_mode_needs_its_lr_as_version_1_did(tmp_path, text):
     f = tmp_path / "old.toml"

@@ -14,7 +14,7 @@ from conftest import SMALL_RUN, losses, run_cli
 
 pytestmark = pytest.mark.slow
 SCRIPTS = Path(__file__).parent / "scripts"
-COMMON = ["--preset", "tiny", "--steps", "20", "--val-every", "10", "--device", "cpu", *SMALL_RUN]
+COMMON = ["--preset", "tiny-2025", "--steps", "20", "--val-every", "10", "--device", "cpu", *SMALL_RUN]
 
 
 def free_port() -> int:

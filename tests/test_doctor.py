@@ -51,7 +51,7 @@ def test_missing_data_folder_fails_in_one_line(tmp_path):
 
 def test_too_few_tokens_gives_one_fail_line_per_problem(tmp_path):
     write_shards(tmp_path, train=5000, val=3000)  # tiny needs 70 × 4,096 train and 16,385 val tokens
-    r = run_cli("doctor", "--preset", "tiny", "--data", str(tmp_path), check=False, timeout=240)
+    r = run_cli("doctor", "--preset", "tiny-2025", "--data", str(tmp_path), check=False, timeout=240)
     assert r.returncode == 1, r.stdout + r.stderr
     assert_no_traceback(r)
     failed = lines(r, "FAIL")
@@ -77,7 +77,7 @@ def run_in_process(cfg, checks) -> list[tuple[str, str]]:
 def test_damaged_headers_and_missing_kinds_are_named(tmp_path):
     write_shards(tmp_path, train=400_000, val=20_000)
     (tmp_path / "x_train_000001.bin").write_bytes(b"\0" * 2000)  # a header with the wrong magic number
-    cfg = load_config("tiny", None, [f'data.dir="{tmp_path}"'])
+    cfg = load_config("tiny-2025", None, [f'data.dir="{tmp_path}"'])
     out = run_in_process(cfg, [("data", doctor.check_data, False)])
     failed = [text for status, text in out if status == "FAIL"]
     assert len(failed) == 1 and "x_train_000001.bin" in failed[0] and "not a token shard" in failed[0], out
@@ -95,7 +95,7 @@ def test_a_check_that_raises_is_one_fail_line_and_the_rest_still_run():
         yield "info", "broken: started"
         raise RuntimeError("something went wrong\nsecond line")
 
-    out = run_in_process(load_config("tiny"), [("broken", broken, False), ("batch", doctor.check_batch, False)])
+    out = run_in_process(load_config("tiny-2025"), [("broken", broken, False), ("batch", doctor.check_batch, False)])
     assert out[:2] == [("info", "broken: started"), ("FAIL", "broken: RuntimeError: something went wrong")]
     assert out[2][0] == "ok" and out[2][1].startswith("batch:")
 

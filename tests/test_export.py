@@ -29,7 +29,7 @@ def trained_run(tmp_path_factory) -> Path:
     shared by the test modules that need a real checkpoint."""
     out = tmp_path_factory.getbasetemp() / "trained-tiny"
     if not (out / "summary.json").is_file():
-        run_cli("train", "--preset", "tiny", *TINY_RUN, "--out", str(out))
+        run_cli("train", "--preset", "tiny-2025", *TINY_RUN, "--out", str(out))
     return out
 
 
@@ -91,7 +91,7 @@ def test_tied_head_survives_export(tmp_path):
 
 
 def test_bf16_embeddings_load_as_float32(tmp_path):
-    run = saved_run(tmp_path / "bf16", "tiny", bf16_embeddings=True)
+    run = saved_run(tmp_path / "bf16", "tiny-2025", bf16_embeddings=True)
     _, model = load_model(run, "cpu")
     assert all(p.dtype == torch.float32 for p in model.parameters())
     tables = load_file(str(checkpoint.list_checkpoints(run)[-1] / "model.safetensors"))

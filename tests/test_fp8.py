@@ -62,7 +62,7 @@ def test_fp8_op_registration():
 
 
 def test_model_uses_fp8_only_in_training():
-    cfg = load_config("tiny").model
+    cfg = load_config("tiny-2025").model
     cfg.fp8_head, cfg.zero_init_head = "on", False
     torch.manual_seed(0)
     model = prepared(GPT(cfg))  # for training: the FP8 head on
@@ -227,7 +227,7 @@ def test_prepare_multiplies_the_grad_scale_by_sequences_per_loss():
     larger than the record's (49,152 tokens), so its grad scale is set to 2^7: that puts them just
     above e5m2's floor at A = 1 and below it at loss / 8, where the unscaled grad scale changes
     the result; at the presets' 2^19 neither would flush."""
-    cfg = load_config("tiny", None, [
+    cfg = load_config("tiny-2025", None, [
         "model.n_layer=2", "model.long_short_pattern=LS", "model.value_embeds=1", "model.model_dim=64",
         "model.n_head=2", "model.head_dim=32", "model.zero_init_head=false", "model.zero_init_proj=false",
         "model.fp8_head=on", "model.fp8_scales=[2.0, 512.0, 128.0]"]).model
@@ -252,7 +252,7 @@ def test_prepare_multiplies_the_grad_scale_by_sequences_per_loss():
     assert not torch.equal(flushed["lm_head.weight"], one["lm_head.weight"] / 8)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "gpt2-speedrun-2025", "gpt2-medium-speedrun"])
+@pytest.mark.parametrize("preset", ["tiny-2025", "gpt2-speedrun-2025", "gpt2-medium-speedrun"])
 def test_preset_grad_scale_leaves_room_in_e5m2(preset):
     """A logit gradient of one sequence's mean loss is at most (cap / temperature) · σ'(0) / seq_len
     = 1 / seq_len (σ' <= 1/4, cap / temperature = 4): times the grad scale it must stay below

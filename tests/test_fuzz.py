@@ -235,7 +235,7 @@ CRAFTED_TOML = [
 
 
 def test_config_files(tmp_path):
-    valid = to_toml(load_config("tiny")).encode()
+    valid = to_toml(load_config("tiny-2025")).encode()
     out = Outcomes()
     cases = mutants(valid, 48, seed=20, edge=256) + [(f"crafted {t[:40]!r}", t.encode()) for t in CRAFTED_TOML]
     for i, (case, data) in enumerate(cases):
@@ -260,7 +260,7 @@ def test_config_tables():
     """from_dict on tables such as a damaged export config.json holds: valid tables with one value
     replaced by a random one, random keys, and things that are not tables at all."""
     rng = np.random.default_rng(21)
-    base = to_dict(load_config("tiny"))
+    base = to_dict(load_config("tiny-2025"))
     cases: list[tuple[str, object]] = [("a list", [1, 2]), ("None", None), ("a string", "model"), ("an int", 3),
                                        ("sections that are lists", {"model": [1]}), ("a non-string key", {1: {}})]
     for i in range(40):
@@ -315,7 +315,7 @@ def small_checkpoint(tmp_path_factory):
     model small enough (512-token vocabulary, two layers) that each damaged copy loads in
     milliseconds; returns (checkpoint dir, config, train shard)."""
     root = tmp_path_factory.mktemp("fuzz-ckpt")
-    cfg = load_config("tiny", None, CKPT_OVERRIDES)
+    cfg = load_config("tiny-2025", None, CKPT_OVERRIDES)
     train_file = shards.write_shard(root / "data" / "fz_train_000000.bin",
                                     np.random.default_rng(30).integers(0, 512, 4000).astype(np.uint16))
     torch.manual_seed(0)
@@ -447,7 +447,7 @@ def test_crafted_checkpoints(small_checkpoint, tmp_path):
         ("rank file: a state key renamed by a flipped bit", "rank_00000.pt", _flip_in(rank, b"exp_avg_sq")),
         ("rank file: a tensor's storage key changed by a flipped bit", "rank_00000.pt", _flip_in(rank, b"cpu", 2)),
         ("config.toml: a layer more than the weights", "config.toml",
-         to_toml(load_config("tiny", None, [*CKPT_OVERRIDES, "model.n_layer=3", "model.long_short_pattern=LSL"])).encode()),
+         to_toml(load_config("tiny-2025", None, [*CKPT_OVERRIDES, "model.n_layer=3", "model.long_short_pattern=LSL"])).encode()),
         ("config.toml: window_block = 0", "config.toml",
          (ckpt / "config.toml").read_text().replace("window_block = 128", "window_block = 0").encode()),
         ("config.toml: unknown key", "config.toml", b"[model]\nn_layers = 2\n"),
@@ -509,7 +509,7 @@ def test_damaged_export_folders(small_checkpoint, tmp_path, name, n):
 
 def _run_dir(folder: Path) -> Path:
     folder.mkdir(parents=True)
-    (folder / "config.toml").write_text(to_toml(load_config("tiny")))
+    (folder / "config.toml").write_text(to_toml(load_config("tiny-2025")))
     records = []
     for step in range(1, 5):
         records.append({"step": step, "tokens": 512 * step, "train_time_ms": 1000.5 * step, "train_loss": 10.8 - step / 10,
@@ -517,7 +517,7 @@ def _run_dir(folder: Path) -> Path:
         if step % 2 == 0:
             records.append({"step": step, "tokens": 512 * step, "train_time_ms": 1000.5 * step, "val_loss": 10.5 - step / 10})
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    summary = {"config": "tiny", "status": "finished", "final_val_loss": 10.1, "train_time_ms": 4002.0, "steps": 4,
+    summary = {"config": "tiny-2025", "status": "finished", "final_val_loss": 10.1, "train_time_ms": 4002.0, "steps": 4,
                "tokens": 2048, "world_size": 1, "peak_memory_mib": 1006.4, "warmup_s": 0.0,
                "path": {"attention": "sdpa", "head": "float32"}, "val_set": {"sha256": "60e00f6c", "tokens": 1024}}
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))

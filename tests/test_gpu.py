@@ -22,7 +22,7 @@ from torch.nn.attention.flex_attention import flex_attention
 
 import speedrun.attention
 from speedrun.attention import NO_WINDOW, flex_masks, use_flex, window_tokens
-from speedrun.bench import graphs_compiled
+from speedrun.prepare import graphs_compiled
 from speedrun.config import load_config
 from speedrun.data import shards
 from speedrun.data.tokenizer import EOT
@@ -85,7 +85,7 @@ def write_shards(directory, *, train_tokens=60_000, val_tokens=4_096, vocab=EOT,
 def make_trainer(tmp_path, *overrides, compile=True, **data):
     """A Trainer on DEVICE for SMALL plus `overrides`, reading shards written by write_shards(**data)."""
     data_dir = write_shards(tmp_path / "data", **data)
-    cfg = load_config("tiny", None, [*SMALL, f"data.dir={json.dumps(str(data_dir))}", f"train.device={DEVICE}",
+    cfg = load_config("tiny-2025", None, [*SMALL, f"data.dir={json.dumps(str(data_dir))}", f"train.device={DEVICE}",
                                      f"train.compile={json.dumps(compile)}", *overrides])
     rt = setup(DEVICE)
     assert rt.world_size == 1
@@ -176,7 +176,7 @@ def test_bf16_activations_on_cuda():
     float32 logsumexp, which MatmulDtypes leaves out). The FP8 head is switched off here, so that
     the head's forward and backward matmuls are recorded too; the FP8 op's inputs are bf16 by
     construction and tests/test_fp8.py checks it."""
-    cfg = load_config("tiny", None, [*SMALL, "model.attention=sdpa", "model.fp8_head=off"]).model
+    cfg = load_config("tiny-2025", None, [*SMALL, "model.attention=sdpa", "model.fp8_head=off"]).model
     torch.manual_seed(0)
     model = prepared(GPT(cfg), DEVICE)
     assert model.activation_dtype == torch.bfloat16 and model.lm_head.fp8_scales is None
@@ -351,11 +351,11 @@ def test_no_compile_flex_does_not_materialise_scores(tmp_path, monkeypatch):
 
 @pytest.mark.gpu
 def test_warm_up_compiles_every_stage_shape(tmp_path):
-    """tiny-2026 with a sequence length per stage (512, then 1,024 tokens) and 2, 4, 6 sequences per
+    """tiny with a sequence length per stage (512, then 1,024 tokens) and 2, 4, 6 sequences per
     step: after the warm-up, the first steps of every stage (even and odd, Adam stepping on the
     odd ones) compile nothing new, so no compile lands on the clock."""
     data_dir = write_shards(tmp_path / "data")
-    cfg = load_config("tiny-2026", None, [f"data.dir={json.dumps(str(data_dir))}", f"train.device={DEVICE}",
+    cfg = load_config("tiny", None, [f"data.dir={json.dumps(str(data_dir))}", f"train.device={DEVICE}",
                                           "stages.seq_len=[512, 1024, 1024, 1024]",
                                           "stages.batch_tokens=[1024, 4096, 6144, 6144]",
                                           "data.val_seq_len=1024", "data.val_tokens=2048"])

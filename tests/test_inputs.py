@@ -23,7 +23,7 @@ from speedrun.data.tokenizer import EOT
 ])
 def test_values_out_of_range_are_config_errors(override, message):
     with pytest.raises(ConfigError) as e:
-        load_config("tiny", None, [override])
+        load_config("tiny-2025", None, [override])
     assert str(e.value) == message
 
 
@@ -47,7 +47,7 @@ def _data(folder, train_tokens, val_tokens, top=1000):
 
 
 def _train(data, out, *extra):
-    return run_cli("train", "--preset", "tiny", "--data", str(data), "--out", str(out), *SMALL_RUN, *extra, check=False)
+    return run_cli("train", "--preset", "tiny-2025", "--data", str(data), "--out", str(out), *SMALL_RUN, *extra, check=False)
 
 
 def _one_error_line(r, code=1) -> str:
@@ -90,13 +90,13 @@ def test_damaged_run_directories_are_one_line(tmp_path):
 
 
 def test_bench_checks_every_preset_before_measuring():
-    r = run_cli("bench", "--preset", "tiny", "--vs", "no-such-preset", check=False)
+    r = run_cli("bench", "--preset", "tiny-2025", "--vs", "no-such-preset", check=False)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "speedrun bench: error: unknown preset 'no-such-preset'; choose one of: "
-        "baseline-tiny, gpt2-baseline, gpt2-medium-speedrun, gpt2-speedrun, gpt2-speedrun-2025, tiny, tiny-2026"]
+        "baseline-tiny, gpt2-baseline, gpt2-medium-speedrun, gpt2-speedrun, gpt2-speedrun-2025, tiny, tiny-2025"]
 
 
 def test_bench_needs_at_least_one_timed_step():
-    r = run_cli("bench", "--preset", "tiny", "--steps", "0", check=False)
+    r = run_cli("bench", "--preset", "tiny-2025", "--steps", "0", check=False)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "speedrun bench: error: --steps must be at least 1 and --warmup at least 0, got 0 and 3"]

@@ -13,7 +13,7 @@ VOCAB, DIM, B, T = 300, 16, 2, 24
 
 
 def head(**changes) -> LMHead:
-    cfg = load_config("tiny").model
+    cfg = load_config("tiny-2025").model
     cfg.vocab_size, cfg.model_dim = VOCAB, DIM
     for key, value in changes.items():
         setattr(cfg, key, value)
@@ -67,7 +67,7 @@ def test_future_weights_sum_the_losses_against_later_tokens():
     assert h(x, None, targets, future_weights=[1.0, 0.0]) == h(x, None, targets)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "baseline-tiny"])
+@pytest.mark.parametrize("preset", ["tiny-2025", "baseline-tiny"])
 def test_every_parameter_has_one_role_by_what_holds_it(preset):
     cfg = load_config(preset).model
     with torch.device("meta"):

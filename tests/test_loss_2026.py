@@ -18,7 +18,7 @@ VOCAB, DIM, B, T = 50, 8, 2, 7
 
 
 def head(**changes) -> LMHead:
-    cfg = load_config("tiny").model
+    cfg = load_config("tiny-2025").model
     cfg.vocab_size, cfg.model_dim, cfg.tied_head = VOCAB, DIM, False
     cfg.logit_softcap, cfg.softcap_temperature = 23.0, 7.5
     for key, value in changes.items():

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 def tiny(**changes):
     """The tiny preset with random (not zero) output projections and head, so that every part of
     the network reaches the logits, plus any field changes."""
-    cfg = load_config("tiny").model
+    cfg = load_config("tiny-2025").model
     cfg.zero_init_proj = cfg.zero_init_head = False
     for key, value in changes.items():
         setattr(cfg, key, value)
@@ -73,7 +73,7 @@ def test_gpt2_baseline_parameter_count():
     print(f"gpt2-baseline parameters: {n_params(model):,}")
 
 
-@pytest.mark.parametrize("preset", ["gpt2-speedrun-2025", "gpt2-baseline", "tiny", "baseline-tiny"])
+@pytest.mark.parametrize("preset", ["gpt2-speedrun-2025", "gpt2-baseline", "tiny-2025", "baseline-tiny"])
 def test_param_groups_partition_the_parameters(preset):
     with torch.device("meta"):
         model = GPT(load_config(preset).model)
@@ -106,7 +106,7 @@ def test_flops_per_token():
 
 
 def test_initial_loss_is_uniform_with_zero_init():
-    model = build(load_config("tiny").model)
+    model = build(load_config("tiny-2025").model)
     idx = batch()
     out = logits(model, idx, 256)
     assert out.shape == (2, 128, 50257) and out.dtype == torch.float32
@@ -264,7 +264,7 @@ def test_init_schemes():
 
 
 def test_meta_build_then_materialise():
-    cfg = load_config("tiny").model
+    cfg = load_config("tiny-2025").model
     with torch.device("meta"):
         model = GPT(cfg)
     model.to_empty(device="cpu")
@@ -359,7 +359,7 @@ def test_tiny_preset_memorises_one_batch():
     a typical overfit check because each step costs ~0.5 s on 2 cores, almost all of it the
     (512 x 128) @ (128 x 50304) head matmul and its backward."""
     torch.manual_seed(0)
-    model = GPT(load_config("tiny").model)
+    model = GPT(load_config("tiny-2025").model)
     idx = torch.randint(0, EOT, (4, 129), generator=torch.Generator().manual_seed(0))
     inputs, targets = idx[:, :-1], idx[:, 1:]
     opt = torch.optim.Adam(model.parameters(), lr=0.01, fused=True)

@@ -107,16 +107,16 @@ def test_yarn_follows_the_stage_windows():
 def test_the_record_unties_after_step_847():
     assert untie_step(load_config("gpt2-speedrun")) == 847
     assert untie_step(load_config("gpt2-speedrun", overrides=["optim.adam_update_every=1"])) == 847
-    assert untie_step(load_config("tiny-2026")) == 47  # stage 3 starts at 46, an even step
+    assert untie_step(load_config("tiny")) == 47  # stage 3 starts at 46, an even step
 
 
 def test_training_ties_the_head_until_the_untie_step_then_copies_its_moments():
-    """A shrunk tiny-2026 on CPU: the embedding equals the head after every tied step; after the
+    """A shrunk tiny on CPU: the embedding equals the head after every tied step; after the
     untie step its Adam moments are the head's and the two then move apart."""
     from speedrun.distributed import setup
     from speedrun.train import Trainer
 
-    cfg = load_config("tiny-2026", overrides=["train.compile=false", "train.steps=8", "stages.ends=[2, 4, 6]",
+    cfg = load_config("tiny", overrides=["train.compile=false", "train.steps=8", "stages.ends=[2, 4, 6]",
                                               "model.n_layer=4", "model.long_short_pattern=SSSL",
                                               "model.value_embed_layers=[1, 3]", "model.skip_connections=[[0, 2]]",
                                               "model.attn_input_layer=1", "model.xsa_layers=[1]",

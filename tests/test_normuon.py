@@ -204,7 +204,7 @@ RECORD_NORMUON = ["optim.hidden_optimizer=normuon", "optim.orthogonalizer=polar_
 
 
 def _tiny_normuon():
-    cfg = load_config("tiny", overrides=RECORD_NORMUON)
+    cfg = load_config("tiny-2025", overrides=RECORD_NORMUON)
     torch.manual_seed(0)
     model = GPT(cfg.model)
     return model, build_optimizers(model.param_groups(), cfg.optim)
@@ -234,7 +234,7 @@ def test_record_attention_splits_into_head_pairs():
 
 
 def test_layout_settings_need_the_model_tags():
-    cfg = load_config("tiny", overrides=RECORD_NORMUON).optim
+    cfg = load_config("tiny-2025", overrides=RECORD_NORMUON).optim
     with pytest.raises(ValueError, match="matrix_layout"):  # e.g. a deep-copied model: the tags are gone
         build_optimizers({"hidden": [torch.zeros(8, 8, requires_grad=True)]}, cfg)
     with pytest.raises(ValueError, match="even number of heads"):

@@ -50,6 +50,6 @@ def test_prepare_applies_it_on_cpu(monkeypatch):
     from speedrun.config import load_config
     from speedrun.model import GPT
 
-    cfg = load_config("tiny", None, ["model.n_layer=2", "model.long_short_pattern=LL", "model.value_embeds=1"]).model
+    cfg = load_config("tiny-2025", None, ["model.n_layer=2", "model.long_short_pattern=LL", "model.value_embeds=1"]).model
     prepared(GPT(cfg), "cpu", "inference")
     assert calls == [1]

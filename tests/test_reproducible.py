@@ -21,7 +21,7 @@ def test_default_compiled_runs_repeat_and_resume_exactly_after_sigkill(tmp_path)
     algorithms on CPU.)"""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     small = [a for a in SMALL_RUN if a != "--no-compile"]
-    common = ["train", "--preset", "tiny", "--steps", "8", "--val-every", "4", "--seed", "3", "--compile", *small]
+    common = ["train", "--preset", "tiny-2025", "--steps", "8", "--val-every", "4", "--seed", "3", "--compile", *small]
     first, second = tmp_path / "first", tmp_path / "second"
 
     def speedrun(*args, script=None, extra_env=None):

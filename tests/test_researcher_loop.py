@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("loop")
     dirs = {}
-    for name, preset, seed in [("tiny-a", "tiny", 1), ("tiny-b", "tiny", 2), ("base", "baseline-tiny", 1)]:
+    for name, preset, seed in [("tiny-a", "tiny-2025", 1), ("tiny-b", "tiny-2025", 2), ("base", "baseline-tiny", 1)]:
         dirs[name] = root / name
         extra = ["--tensorboard"] if name == "tiny-a" else []
         run_cli("train", "--preset", preset, "--steps", "6", "--val-every", "3", "--seed", str(seed),
@@ -72,13 +72,13 @@ def test_tensorboard_logs_read_back_with_tensorboards_reader(runs):
 
 
 def test_bench_reports_both_presets_and_their_ratio():
-    r = run_cli("bench", "--preset", "tiny", "--vs", "baseline-tiny", "--steps", "2", "--warmup", "1", "--no-compile",
+    r = run_cli("bench", "--preset", "tiny-2025", "--vs", "baseline-tiny", "--steps", "2", "--warmup", "1", "--no-compile",
                 "--device", "cpu", *[a for a in SMALL_RUN if a != "--no-compile"], "--json")
     report = json.loads(r.stdout)
     a, b = report["results"]
-    assert (a["preset"], b["preset"]) == ("tiny", "baseline-tiny")
+    assert (a["preset"], b["preset"]) == ("tiny-2025", "baseline-tiny")
     assert report["ratio"]["step_ms"] == pytest.approx(a["step_ms"] / b["step_ms"], rel=1e-2)
     assert a["tokens_per_s"] > 0 and a["peak_memory_mib"] > 0
-    text = run_cli("bench", "--preset", "tiny", "--vs", "baseline-tiny", "--steps", "1", "--warmup", "1",
+    text = run_cli("bench", "--preset", "tiny-2025", "--vs", "baseline-tiny", "--steps", "1", "--warmup", "1",
                    "--no-compile", *[a for a in SMALL_RUN if a != "--no-compile"]).stdout
     assert re.search(r"ratio tiny/baseline-tiny: step time [0-9.]+×", text)

@@ -45,7 +45,7 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": st
 
 
 def main_args(out: Path, keep: int, *extra: str) -> list[str]:
-    return ["train", "--preset", "tiny", "--seed", str(SEED), "--steps", str(STEPS), "--val-every", str(VAL_EVERY),
+    return ["train", "--preset", "tiny-2025", "--seed", str(SEED), "--steps", str(STEPS), "--val-every", str(VAL_EVERY),
             "--save-every", str(SAVE_EVERY), "--keep", str(keep), "--out", str(out), *RUN, *extra]
 
 
@@ -123,7 +123,7 @@ def _job_wandb(base: Path, _need) -> dict:
     out = base / "wandb_run"
     env = wandb_env(base / "wandb_home")
     return {"out": str(out), "env": env,
-            **_speedrun(["train", "--preset", "tiny", "--steps", "3", "--val-every", "2", "--wandb", "--out", str(out),
+            **_speedrun(["train", "--preset", "tiny-2025", "--steps", "3", "--val-every", "2", "--wandb", "--out", str(out),
                          *RUN], env=env)}
 
 
@@ -273,7 +273,7 @@ def test_log_header_names_versions_device_config_size_path_and_warmup(main_run):
                              "cuda": torch.version.cuda or "none"}
     assert h["device"] == {"device": summary["path"]["device"], "world_size": "1"}
     assert h["device"]["device"].startswith("CPU ")
-    assert h["config"] == {"config": "tiny", "data": str(builtin_corpus_dir())}
+    assert h["config"] == {"config": "tiny-2025", "data": str(builtin_corpus_dir())}
     assert int(h["size"]["grad_accum"]) == cfg.data.batch_tokens // (cfg.data.seq_len * cfg.data.micro_batch_seqs) == 2
     assert h["size"]["tokens"] == f"{BATCH_TOKENS:,}" and cfg.data.batch_tokens == BATCH_TOKENS
     # the parameter count is that of the weights the run saves
@@ -378,7 +378,7 @@ def test_summary_holds_every_field(main_run):
     last_val = [r for r in records if "val_loss" in r][-1]
     assert set(summary) == {"config", "status", "final_val_loss", "train_time_ms", "steps", "tokens", "world_size",
                             "peak_memory_mib", "warmup_s", "path", "val_set"}
-    assert summary["config"] == "tiny" and summary["status"] == "finished"
+    assert summary["config"] == "tiny-2025" and summary["status"] == "finished"
     assert last_val["step"] == STEPS
     assert summary["final_val_loss"] == last_val["val_loss"]
     assert summary["train_time_ms"] == last_val["train_time_ms"] > 0

@@ -23,8 +23,8 @@ WINDOW = 16
 # 1 on S layers) are shorter than the generation; the baseline has no sliding window of its own,
 # so it is also run with one, to cover windows with learned positions.
 CASES = {
-    "tiny": ("tiny", {"window_block": 8}, WINDOW),
-    "tiny-token-window": ("tiny", {"window_granularity": "token"}, WINDOW),
+    "tiny-2025": ("tiny-2025", {"window_block": 8}, WINDOW),
+    "tiny-token-window": ("tiny-2025", {"window_granularity": "token"}, WINDOW),
     "baseline-tiny": ("baseline-tiny", {}, NO_WINDOW),
     "baseline-tiny-windowed": ("baseline-tiny", {"sliding_window": True, "window_block": 8}, WINDOW),
 }
@@ -125,7 +125,7 @@ def test_missing_checkpoint_is_one_line_usage_error(tmp_path):
 def test_cached_logits_equal_uncached_with_a_scheduled_short_window():
     """The 2026 record validates with S-layer windows that are not half the long one (6 and 20
     blocks): a KV cache given both windows gives an uncached forward's logits."""
-    cfg = load_config("tiny", overrides=["model.window_block=16", "model.zero_init_proj=false",
+    cfg = load_config("tiny-2025", overrides=["model.window_block=16", "model.zero_init_proj=false",
                                          "model.zero_init_head=false"]).model
     torch.manual_seed(0)
     model = GPT(cfg).eval()

@@ -101,12 +101,12 @@ def test_table_lists_every_change_point(record, capsys):
 
 
 def test_token_granularity_halves_the_window():
-    cfg = load_config("tiny", None, ["model.window_granularity=token"])
+    cfg = load_config("tiny-2025", None, ["model.window_granularity=token"])
     for r in schedule_rows(cfg):
         assert r["window_short_tokens"] == r["window_long_tokens"] // 2
         assert r["window_short_blocks"] == r["window_short_tokens"] / cfg.model.window_block
     # 64 tokens is half a block: the table shows tokens only.
-    assert "     64 " in format_table("tiny", schedule_rows(cfg), None, cfg)
+    assert "     64 " in format_table("tiny-2025", schedule_rows(cfg), None, cfg)
 
 
 def test_no_window_and_no_muon():

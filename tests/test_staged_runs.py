@@ -1,4 +1,4 @@
-"""Whole runs of a staged preset (tiny-2026, shrunk): the batch-size schedule gives the same losses
+"""Whole runs of a staged preset (tiny, shrunk): the batch-size schedule gives the same losses
 at any world size, and a compiled run resumes exactly across a stage change. In a file of their own
 so that pytest-xdist (--dist loadfile) can run them beside the other multi-process files."""
 
@@ -15,11 +15,11 @@ from test_distributed import SCRIPTS, assert_same_losses, torchrun
 pytestmark = pytest.mark.slow
 
 
-# tiny-2026 shrunk as SMALL_RUN shrinks tiny: stages of 2, 4 and 6 sequences of 128 tokens per step, 4 blocks,
+# tiny shrunk as SMALL_RUN shrinks tiny-2025: stages of 2, 4 and 6 sequences of 128 tokens per step, 4 blocks,
 # and loss weights that ramp in every stage but keep one length, so the whole run is one compiled
 # graph (each stage's own graph would triple the compile time, as tests/test_stages.py's warm-up
 # test covers instead)
-RUN = ["--preset", "tiny-2026", "--steps", "12", "--val-every", "6",
+RUN = ["--preset", "tiny", "--steps", "12", "--val-every", "6",
        "--set", "stages.seq_len=[128, 128, 128, 128]", "--set", "stages.batch_tokens=[256, 512, 768, 768]",
        "--set", "stages.max_doc_len=[64, 128, 128, 128]", "--set", "data.val_tokens=2048",
        "--set", "data.val_seq_len=256",
@@ -27,7 +27,7 @@ RUN = ["--preset", "tiny-2026", "--steps", "12", "--val-every", "6",
        "--set", "stages.mtp_weights_end=[[1.0, 0.5], [1.0, 0.2], [1.0, 0.1], [1.0, 0.1]]",
        "--set", "stages.prefix_weight_start=[0.25, 0.25, 0.1, 0.05]",
        "--set", "stages.prefix_weight_end=[0.25, 0.1, 0.05, 0.05]",
-       # the record's layout at 4 blocks (half the compile time of tiny-2026's 6)
+       # the record's layout at 4 blocks (half the compile time of tiny's 6)
        "--set", "model.n_layer=4", "--set", "model.long_short_pattern=SSSL", "--set", "model.value_embed_layers=[1, 3]",
        "--set", "model.skip_connections=[[0, 2]]", "--set", "model.attn_input_layer=1",
        "--set", "model.gate_split_layer=2", "--set", "model.paired_head_layers=[0, 2]", "--set", "model.xsa_layers=[1]",
@@ -55,7 +55,7 @@ def test_two_processes_match_one_process_through_the_batch_size_schedule(tmp_pat
 
 
 def test_staged_2026_run_resumes_exactly_across_a_stage(tmp_path):
-    """tiny-2026, compiled, default threads, shrunk as SMALL_RUN shrinks tiny: a run killed while
+    """tiny, compiled, default threads, shrunk as SMALL_RUN shrinks tiny-2025: a run killed while
     saving at step 10 resumes from its step-5 checkpoint (an even number of Adam steps behind:
     step 4's gradient is still waiting in RecordAdam's state) through the stage change at step 8
     (YaRN's update with it) and the head's untying after step 9, and ends with the unbroken run's

@@ -134,22 +134,22 @@ def test_normuon_only_switches_are_refused_elsewhere(overrides, message):
 
 def test_stage_lists_need_ends():
     with pytest.raises(ConfigError, match="'stages.lr' needs 'stages.ends'"):
-        load_config("tiny", overrides=["stages.lr=[1.0]"])
+        load_config("tiny-2025", overrides=["stages.lr=[1.0]"])
 
 
-# What the 2026 record's second part (the model and loss) adds to tiny-2026 beyond the first part's pieces
+# What the 2026 record's second part (the model and loss) adds to tiny beyond the first part's pieces
 PART_2_KEYS = {"optim": {"lr_embed", "role_lr", "role_weight_decay", "role_adam_betas"},
                "stages": {"mtp_weights_start", "mtp_weights_end", "prefix_weight_start", "prefix_weight_end", "head_tied"}}
 
 
-def test_the_ablation_ends_at_tiny_2026():
-    """benchmarks/ablation_2026.py adds the first part's pieces one at a time to tiny; all of them
-    are tiny-2026's optimizer, stages, data and training, apart from the second part's keys."""
+def test_the_ablation_ends_at_tiny():
+    """benchmarks/ablation_2026.py adds the first part's pieces one at a time to tiny-2025; all of them
+    are tiny's optimizer, stages, data and training, apart from the second part's keys."""
     spec = importlib.util.spec_from_file_location("ablation", Path(__file__).parents[1] / "benchmarks" / "ablation_2026.py")
     ablation = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ablation)
-    built = to_dict(load_config("tiny", overrides=ablation.cumulative_overrides(len(ablation.PIECES) - 1)))
-    preset = to_dict(load_config("tiny-2026"))
+    built = to_dict(load_config("tiny-2025", overrides=ablation.cumulative_overrides(len(ablation.PIECES) - 1)))
+    preset = to_dict(load_config("tiny"))
     for section in ("optim", "stages", "data", "train"):
         keep = set(preset[section]) - PART_2_KEYS.get(section, set())
         assert {k: built[section][k] for k in keep} == {k: preset[section][k] for k in keep}, section
@@ -164,7 +164,7 @@ def test_warm_up_steps_cover_every_batch_shape_still_to_come():
     from speedrun.train import Trainer
 
     record = load_config("gpt2-speedrun").stages  # the record's loss weights by stage
-    cfg = load_config("tiny-2026", overrides=["stages.seq_len=[256, 512, 512, 512]",
+    cfg = load_config("tiny", overrides=["stages.seq_len=[256, 512, 512, 512]",
                                               "stages.batch_tokens=[512, 1024, 2048, 2048]", "train.compile=false",
                                               *(f"stages.{key}={getattr(record, key)}" for key in
                                                 ("mtp_weights_start", "mtp_weights_end", "prefix_weight_start",

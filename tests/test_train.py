@@ -11,7 +11,7 @@ from conftest import SMALL_RUN, losses, read_metrics, run_cli
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "a"
-    r = run_cli("train", "--preset", "tiny", "--steps", "12", "--val-every", "6", "--out", str(out), *SMALL_RUN)
+    r = run_cli("train", "--preset", "tiny-2025", "--steps", "12", "--val-every", "6", "--out", str(out), *SMALL_RUN)
     return out, r
 
 
@@ -41,7 +41,7 @@ def test_run_writes_config_log_metrics_summary(short_run):
 
 def test_resume_continues_exactly(tmp_path):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    common = ["--preset", "tiny", "--steps", "10", "--val-every", "5", *SMALL_RUN]
+    common = ["--preset", "tiny-2025", "--steps", "10", "--val-every", "5", *SMALL_RUN]
     run_cli("train", *common, "--out", str(straight))
     run_cli("train", *common, "--out", str(broken), "--save-every", "5")
     # Throw away the end of the second run and continue from its step-5 checkpoint.
@@ -81,7 +81,7 @@ def test_interrupted_run_says_so(tmp_path):
     out = tmp_path / "run"
     # SIGINT as a terminal delivers it: a suite started in the background (`cmd &` in a script)
     # would otherwise hand the run an ignored SIGINT, and Python then never raises KeyboardInterrupt
-    proc = subprocess.Popen(speedrun_cmd("train", "--preset", "tiny", "--steps", "400", "--out", str(out),
+    proc = subprocess.Popen(speedrun_cmd("train", "--preset", "tiny-2025", "--steps", "400", "--out", str(out),
                                          "--set", "data.allow_repeat=true", *SMALL_RUN),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -98,7 +98,7 @@ def test_interrupted_run_says_so(tmp_path):
 
 
 def test_unknown_data_dir_is_one_line(tmp_path):
-    r = run_cli("train", "--preset", "tiny", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"),
+    r = run_cli("train", "--preset", "tiny-2025", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"),
                 check=False)
     assert r.returncode != 0
     assert len(r.stderr.strip().splitlines()) == 1 and "nowhere" in r.stderr
@@ -111,7 +111,7 @@ def _snapshot(folder):
 @pytest.fixture(scope="module")
 def four_step_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("reuse") / "run"
-    run_cli("train", "--preset", "tiny", "--steps", "4", "--val-every", "2", "--out", str(out), *SMALL_RUN)
+    run_cli("train", "--preset", "tiny-2025", "--steps", "4", "--val-every", "2", "--out", str(out), *SMALL_RUN)
     return out
 
 
@@ -119,7 +119,7 @@ def test_a_run_directory_with_results_is_never_reused(four_step_run, tmp_path):
     """Training again into a run's directory is refused before any work, leaving every file as it
     was; a file, or a folder that cannot be written, as --out is refused the same way."""
     before = _snapshot(four_step_run)
-    r = run_cli("train", "--preset", "tiny", "--steps", "4", "--out", str(four_step_run), *SMALL_RUN, check=False)
+    r = run_cli("train", "--preset", "tiny-2025", "--steps", "4", "--out", str(four_step_run), *SMALL_RUN, check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
         f"speedrun train: error: --out {four_step_run} already holds a run (config.toml, log.txt, metrics.jsonl, "
@@ -136,7 +136,7 @@ def test_a_run_directory_with_results_is_never_reused(four_step_run, tmp_path):
 
 def test_overwrite_removes_the_old_results_first(tmp_path):
     out = tmp_path / "run"
-    common = ["--preset", "tiny", "--val-every", "0", "--out", str(out), *SMALL_RUN]
+    common = ["--preset", "tiny-2025", "--val-every", "0", "--out", str(out), *SMALL_RUN]
     run_cli("train", *common, "--steps", "2", "--save-every", "1", "--keep", "0")
     (out / "notes.txt").write_text("mine")
     run_cli("train", *common, "--steps", "1", "--overwrite")
