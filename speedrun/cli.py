@@ -48,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from speedrun.distributed import use_expandable_segments
+    from speedrun.prepare import use_persistent_compile_cache
 
     use_expandable_segments()  # before anything touches CUDA
+    use_persistent_compile_cache()  # before torch._dynamo is imported (see there)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):

@@ -54,7 +54,9 @@ def graphs_compiled() -> int:
 
 def use_persistent_compile_cache() -> None:
     """Keep inductor's compiled kernels and graphs beside the corpus cache, so a second run of the
-    same config skips most of compilation (torch's default lives in /tmp)."""
+    same config skips most of compilation (torch's default lives in /tmp). Only effective before
+    torch._dynamo is first imported: that import fixes TORCHINDUCTOR_CACHE_DIR (torch 2.13 sets
+    it to the default if unset), so the CLI calls this first thing."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
 
 

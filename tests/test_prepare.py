@@ -1,6 +1,6 @@
-"""speedrun.prepare's host-memory setting: glibc told to serve large tensors from the heap and keep
-what is freed, unless the user chose otherwise; the values computed are the same (the speed is a
-benchmark: docs/benchmarks.md)."""
+"""speedrun.prepare's process settings: glibc told to serve large tensors from the heap and keep
+what is freed, unless the user chose otherwise (the values computed are the same; the speed is a
+benchmark: docs/benchmarks.md), and inductor's compile cache under $SPEEDRUN_CACHE."""
 
 import os
 import subprocess
@@ -53,3 +53,26 @@ def test_prepare_applies_it_on_cpu(monkeypatch):
     cfg = load_config("tiny-2025", None, ["model.n_layer=2", "model.long_short_pattern=LL", "model.value_embeds=1"]).model
     prepared(GPT(cfg), "cpu", "inference")
     assert calls == [1]
+
+
+CACHE_PROBE = """
+import sys
+from speedrun.cli import main
+main(["presets"])
+import torch._dynamo  # fixes inductor's cache dir on import
+from torch._inductor.runtime.cache_dir_utils import cache_dir
+print(cache_dir())
+"""
+
+
+@pytest.mark.parametrize("user_dir", [None, "mine"])
+def test_the_cli_keeps_compiled_kernels_under_speedrun_cache(tmp_path, user_dir):
+    """Importing torch._dynamo sets TORCHINDUCTOR_CACHE_DIR to /tmp's default if it is unset, so the
+    CLI must set it first: compiled kernels then land in $SPEEDRUN_CACHE/inductor and a second run
+    reuses them. A directory the user chose is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["SPEEDRUN_CACHE"] = str(tmp_path / "cache")
+    if user_dir:
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / user_dir)
+    out = subprocess.run([sys.executable, "-c", CACHE_PROBE], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == str(tmp_path / (user_dir or "cache/inductor"))
