@@ -46,7 +46,6 @@ class Context:
     local_rank: int = field(default_factory=lambda: int(os.environ.get("LOCAL_RANK", "0")))
     device: object = None
     # read before the self-test sets it, to tell the user's choice from the run's default
-    user_cache_dir: str | None = field(default_factory=lambda: os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
     failures: list[str] = field(default_factory=list)
 
 
@@ -421,7 +420,7 @@ def _enough_tokens(ctx: Context, train_tokens: int, val_tokens: int) -> Iterator
     d, steps = ctx.cfg.data, ctx.cfg.train.steps
     needed, val_needed = tokens_needed(ctx.cfg)
     passes = needed / train_tokens if train_tokens else float("inf")
-    run = f"{steps} steps × {d.batch_tokens:,} = {needed:,}"
+    run = f"the {steps} staged steps' {needed:,}" if ctx.cfg.stages.ends else f"{steps} steps × {d.batch_tokens:,} = {needed:,}"
     if train_tokens >= needed:
         yield OK, f"data: train holds {train_tokens:,} tokens ≥ {run} ({passes:.2f} of one pass)"
     elif d.allow_repeat:
@@ -447,11 +446,11 @@ def check_compile(ctx: Context) -> Iterator[Line]:
     if not ctx.cfg.train.compile:
         yield INFO, "compile: off (train.compile = false): the model runs eagerly"
         return
-    from speedrun.prepare import use_persistent_compile_cache
+    from speedrun.prepare import use_persistent_compile_cache, user_compile_cache
 
     use_persistent_compile_cache()
     cache = os.environ["TORCHINDUCTOR_CACHE_DIR"]
-    source = "from TORCHINDUCTOR_CACHE_DIR" if ctx.user_cache_dir else "$SPEEDRUN_CACHE/inductor"
+    source = "from TORCHINDUCTOR_CACHE_DIR" if user_compile_cache() else "$SPEEDRUN_CACHE/inductor"
     if ctx.device is not None and ctx.device.type == "cuda" and _triton_version() is None:
         yield FAIL, "compile: on, but Triton is not importable: torch.compile cannot generate CUDA kernels"
     try:
@@ -532,8 +531,9 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
             print(f"{status:<6}{text}", flush=True)
 
     t, d = cfg.train, cfg.data
-    emit(INFO, f"config: {label}: {t.steps} steps × {d.batch_tokens:,} tokens, seq_len {d.seq_len:,}, "
-               f"device {t.device}")
+    shape = (f"in {len(cfg.stages.ends) + 1} stages, each with its own batch and seq_len (speedrun schedule lists them)"
+             if cfg.stages.ends else f"× {d.batch_tokens:,} tokens, seq_len {d.seq_len:,}")
+    emit(INFO, f"config: {label}: {t.steps} steps {shape}, device {t.device}")
     try:
         run_checks(ctx, emit)
         _finish(ctx, emit)

@@ -6,6 +6,7 @@ through it, so a run and a later evaluation of its weights compute the same way.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -52,12 +53,20 @@ def graphs_compiled() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+@functools.cache
+def user_compile_cache() -> str | None:
+    """TORCHINDUCTOR_CACHE_DIR as this process found it, read once: before
+    use_persistent_compile_cache sets it, a directory the user chose."""
+    return os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+
+
 def use_persistent_compile_cache() -> None:
     """Keep inductor's compiled kernels and graphs beside the corpus cache, so a second run of the
     same config skips most of compilation (torch's default lives in /tmp). Only effective before
     torch._dynamo is first imported: that import fixes TORCHINDUCTOR_CACHE_DIR (torch 2.13 sets
     it to the default if unset), so the CLI calls this first thing."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+    if user_compile_cache() is None:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")
 
 
 # glibc's mallopt parameters (malloc.h) and the environment variables a user sets them with

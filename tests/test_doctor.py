@@ -32,7 +32,7 @@ def test_doctor_passes_on_this_machine_with_the_default_preset():
     ok = "\n".join(lines(r, "ok"))
     assert not lines(r, "FAIL"), r.stdout
     for name in ["versions: python", "device: cpu", "dtype:", "attention self-test: compiled FlexAttention",
-                 "attention self-test: SDPA", "batch:", "data: train", "data: val", "compile:"]:
+                 "attention self-test: SDPA", "batch from step 0:", "data: train", "data: val", "compile:"]:
         assert name in ok, (name, r.stdout)
     info = "\n".join(lines(r, "info"))
     assert "single process" in info and "attention: SDPA" in info and "fp8: no FP8" in info

@@ -81,4 +81,4 @@ def test_bench_reports_both_presets_and_their_ratio():
     assert a["tokens_per_s"] > 0 and a["peak_memory_mib"] > 0
     text = run_cli("bench", "--preset", "tiny-2025", "--vs", "baseline-tiny", "--steps", "1", "--warmup", "1",
                    "--no-compile", *[a for a in SMALL_RUN if a != "--no-compile"]).stdout
-    assert re.search(r"ratio tiny/baseline-tiny: step time [0-9.]+×", text)
+    assert re.search(r"ratio tiny-2025/baseline-tiny: step time [0-9.]+×", text)

@@ -377,6 +377,7 @@ def test_summary_holds_every_field(main_run):
     summary, records, cfg = json.loads((out / "summary.json").read_text()), read_metrics(out), run_config(out)
     last_val = [r for r in records if "val_loss" in r][-1]
     assert set(summary) == {"config", "status", "final_val_loss", "train_time_ms", "steps", "tokens", "world_size",
+                            "compiles_on_clock",
                             "peak_memory_mib", "warmup_s", "path", "val_set"}
     assert summary["config"] == "tiny-2025" and summary["status"] == "finished"
     assert last_val["step"] == STEPS
