@@ -117,6 +117,8 @@ def test_training_ties_the_head_until_the_untie_step_then_copies_its_moments():
     from speedrun.train import Trainer
 
     cfg = load_config("tiny", overrides=["train.compile=false", "train.steps=8", "stages.ends=[2, 4, 6]",
+                                              "stages.seq_len=[128, 128, 128, 128]", "stages.max_doc_len=[64, 128, 128, 128]",
+                                              "stages.batch_tokens=[256, 512, 768, 768]",
                                               "model.n_layer=4", "model.long_short_pattern=SSSL",
                                               "model.value_embed_layers=[1, 3]", "model.skip_connections=[[0, 2]]",
                                               "model.attn_input_layer=1", "model.xsa_layers=[1]",
