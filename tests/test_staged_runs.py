@@ -55,7 +55,8 @@ def test_two_processes_match_one_process_through_the_batch_size_schedule(tmp_pat
 
 
 def test_staged_2026_run_resumes_exactly_across_a_stage(tmp_path):
-    """tiny, compiled, default threads, shrunk as SMALL_RUN shrinks tiny-2025: a run killed while
+    """tiny (the default preset), compiled, default threads, shrunk as SMALL_RUN shrinks tiny-2025:
+    two runs of one seed give the same losses step for step, and a run killed while
     saving at step 10 resumes from its step-5 checkpoint (an even number of Adam steps behind:
     step 4's gradient is still waiting in RecordAdam's state) through the stage change at step 8
     (YaRN's update with it) and the head's untying after step 9, and ends with the unbroken run's
@@ -66,9 +67,16 @@ def test_staged_2026_run_resumes_exactly_across_a_stage(tmp_path):
     killed = speedrun(*common, "--out", str(second), "--save-every", "5", script="kill_during_save.py",
                       extra_env={"SPEEDRUN_TEST_KILL_ON_SAVE": "2"})
     assert killed.returncode == -9
+    # same seed, same losses: every step the killed run logged (through step 10) is the first run's
+    before_kill = losses(second)
+    assert max(step for step, _ in before_kill) == 10
+    assert before_kill == {key: loss for key, loss in losses(first).items() if key in before_kill}
+    # the save the kill interrupted left no checkpoint behind, only the one before it
+    assert sorted(p.name for p in (second / "checkpoints").iterdir() if not p.name.startswith(".")) == ["step_000005"]
     resumed = speedrun("train", "--resume", "auto", "--out", str(second), *common[1:], "--save-every", "5")
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in (second / "log.txt").read_text()
+    log = (second / "log.txt").read_text()
+    assert "resumed from" in log and "compile: torch.compile" in log
     assert losses(second) == losses(first)
     # the warm-up compiled every shape, so nothing compiled on the clock, across stages and on resume
     for run in (first, second):
