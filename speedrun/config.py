@@ -624,6 +624,9 @@ def _validate_stages(cfg: Config) -> None:
     if s.head_tied and (cfg.model.tied_head or not cfg.model.head_init_std):
         raise ConfigError("'stages.head_tied' needs model.tied_head = false and model.head_init_std > 0 "
                           "(the embedding starts as the head's copy)")
+    if any(s.head_tied) and cfg.model.bf16_embeddings:
+        raise ConfigError("'model.bf16_embeddings' must be false with 'stages.head_tied': the tied token embedding "
+                          "keeps the head's float32 (with bf16 activations the first tied step would fail)")
     if s.head_tied and any(a < b for a, b in zip(s.head_tied, s.head_tied[1:])):
         raise ConfigError(f"'stages.head_tied' can untie once and never tie again, got {s.head_tied}")
     m = cfg.model

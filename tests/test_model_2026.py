@@ -110,20 +110,22 @@ def test_the_record_unties_after_step_847():
     assert untie_step(load_config("tiny")) == 47  # stage 3 starts at 46, an even step
 
 
+# tiny shrunk for a Trainer on CPU: 8 steps of 128-token sequences in four stages, the record's layout at 4 blocks
+SHRUNK_TINY = ["train.compile=false", "train.steps=8", "stages.ends=[2, 4, 6]", "stages.seq_len=[128, 128, 128, 128]",
+               "stages.max_doc_len=[64, 128, 128, 128]", "stages.batch_tokens=[256, 512, 768, 768]",
+               "model.n_layer=4", "model.long_short_pattern=SSSL", "model.value_embed_layers=[1, 3]",
+               "model.skip_connections=[[0, 2]]", "model.attn_input_layer=1", "model.xsa_layers=[1]",
+               "model.attn_gate_layers=[3]", "model.composable_layers=[3]", "model.paired_head_layers=[0, 2]",
+               "model.gate_split_layer=2"]
+
+
 def test_training_ties_the_head_until_the_untie_step_then_copies_its_moments():
     """A shrunk tiny on CPU: the embedding equals the head after every tied step; after the
     untie step its Adam moments are the head's and the two then move apart."""
     from speedrun.distributed import setup
     from speedrun.train import Trainer
 
-    cfg = load_config("tiny", overrides=["train.compile=false", "train.steps=8", "stages.ends=[2, 4, 6]",
-                                              "stages.seq_len=[128, 128, 128, 128]", "stages.max_doc_len=[64, 128, 128, 128]",
-                                              "stages.batch_tokens=[256, 512, 768, 768]",
-                                              "model.n_layer=4", "model.long_short_pattern=SSSL",
-                                              "model.value_embed_layers=[1, 3]", "model.skip_connections=[[0, 2]]",
-                                              "model.attn_input_layer=1", "model.xsa_layers=[1]",
-                                              "model.attn_gate_layers=[3]", "model.composable_layers=[3]",
-                                              "model.paired_head_layers=[0, 2]", "model.gate_split_layer=2"])
+    cfg = load_config("tiny", overrides=SHRUNK_TINY)
     trainer = Trainer(cfg, setup("cpu"), "test")
     head, embed = trainer.model.lm_head.weight, trainer.model.wte.weight
     assert untie_step(cfg) == 5
@@ -136,6 +138,25 @@ def test_training_ties_the_head_until_the_untie_step_then_copies_its_moments():
             for key in ("exp_avg", "exp_avg_sq"):
                 assert torch.equal(adam.state[embed][key], adam.state[head][key])
     assert not torch.equal(head, embed)
+
+
+def test_bf16_activations_train_the_tied_head():
+    """With bf16 activations, as on CUDA, the tied token embedding stays float32 like the head, so
+    the tied steps can fold its gradient into the head's (gpt2-speedrun once inherited the 2025
+    record's bf16 embedding tables, and its first step on a GPU would have failed); bf16 tables with
+    a tied head are refused in one line."""
+    from speedrun.config import ConfigError
+    from speedrun.distributed import setup
+    from speedrun.train import Trainer
+
+    cfg = load_config("tiny", overrides=[*SHRUNK_TINY, "model.activation_dtype=bfloat16"])
+    trainer = Trainer(cfg, setup("cpu"), "test")
+    head, embed = trainer.model.lm_head.weight, trainer.model.wte.weight
+    assert head.dtype == embed.dtype == torch.float32
+    losses = torch.stack([trainer.train_step(step) for step in range(2)])
+    assert losses.isfinite().all() and torch.equal(head, embed)
+    with pytest.raises(ConfigError, match="bf16_embeddings"):
+        load_config("gpt2-speedrun", overrides=["model.bf16_embeddings=true"])
 
 
 def test_a_saved_model_loads_with_its_derived_buffers(tmp_path):
