@@ -45,7 +45,6 @@ class Context:
     world_size: int = field(default_factory=lambda: int(os.environ.get("WORLD_SIZE", "1")))
     local_rank: int = field(default_factory=lambda: int(os.environ.get("LOCAL_RANK", "0")))
     device: object = None
-    # read before the self-test sets it, to tell the user's choice from the run's default
     failures: list[str] = field(default_factory=list)
 
 
