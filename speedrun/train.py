@@ -601,10 +601,10 @@ def _finish(trainer: Trainer, log: RunLog, run_dir: Path, val_loss: float, warm:
                "tokens": tokens_before(cfg.train.steps, cfg), "world_size": rt.world_size,
                "peak_memory_mib": round(peak_memory_mib(rt.device), 1), "warmup_s": round(warm, 2),
                "path": execution_path(trainer), "compiles_on_clock": trainer.clock_compiles}
-    if trainer.clock_compiles:
-        log.line(f"warning: torch.compile compiled {trainer.clock_compiles} graph(s) inside timed steps, so their "
-                 "compile time is in train_time: the warm-up missed a shape or a guard", echo=True)
     if rt.is_main:
+        if trainer.clock_compiles:
+            log.line(f"warning: torch.compile compiled {trainer.clock_compiles} graph(s) inside timed steps, so their "
+                     "compile time is in train_time: the warm-up missed a shape or a guard", echo=True)
         summary["val_set"] = val_fingerprint(trainer.val_files, val_tokens=cfg.data.val_tokens, seq_len=cfg.data.val_seq_len)
         checkpoint.write_json(run_dir / "summary.json", summary)
         log.line(f"peak memory: {summary['peak_memory_mib']:.0f} MiB")

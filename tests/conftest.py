@@ -12,6 +12,11 @@ import torch
 SMALL_RUN = ["--set", "data.seq_len=128", "--set", "data.micro_batch_seqs=2", "--set", "data.batch_tokens=512",
              "--set", "data.val_tokens=2048", "--set", "data.val_seq_len=256", "--set", "model.window_max=256",
              "--no-compile"]
+# tiny's 2026 layout at 4 blocks (half the compile time of its 6), as config overrides
+TINY_4_BLOCKS = ["model.n_layer=4", "model.long_short_pattern=SSSL", "model.value_embed_layers=[1, 3]",
+                 "model.skip_connections=[[0, 2]]", "model.attn_input_layer=1", "model.gate_split_layer=2",
+                 "model.paired_head_layers=[0, 2]", "model.xsa_layers=[1]", "model.attn_gate_layers=[3]",
+                 "model.composable_layers=[3]"]
 
 
 def prepared(model, device="cpu", mode="train", sequences_per_loss=1):

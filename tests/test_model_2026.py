@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from conftest import TINY_4_BLOCKS
 from speedrun.config import load_config
 from speedrun.model import GPT
 from speedrun.stages import untie_step, yarn_windows
@@ -112,11 +113,7 @@ def test_the_record_unties_after_step_847():
 
 # tiny shrunk for a Trainer on CPU: 8 steps of 128-token sequences in four stages, the record's layout at 4 blocks
 SHRUNK_TINY = ["train.compile=false", "train.steps=8", "stages.ends=[2, 4, 6]", "stages.seq_len=[128, 128, 128, 128]",
-               "stages.max_doc_len=[64, 128, 128, 128]", "stages.batch_tokens=[256, 512, 768, 768]",
-               "model.n_layer=4", "model.long_short_pattern=SSSL", "model.value_embed_layers=[1, 3]",
-               "model.skip_connections=[[0, 2]]", "model.attn_input_layer=1", "model.xsa_layers=[1]",
-               "model.attn_gate_layers=[3]", "model.composable_layers=[3]", "model.paired_head_layers=[0, 2]",
-               "model.gate_split_layer=2"]
+               "stages.max_doc_len=[64, 128, 128, 128]", "stages.batch_tokens=[256, 512, 768, 768]", *TINY_4_BLOCKS]
 
 
 def test_training_ties_the_head_until_the_untie_step_then_copies_its_moments():

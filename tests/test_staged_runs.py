@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import losses
+from conftest import TINY_4_BLOCKS, losses
 from test_distributed import SCRIPTS, assert_same_losses, torchrun
 
 pytestmark = pytest.mark.slow
@@ -27,11 +27,7 @@ RUN = ["--preset", "tiny", "--steps", "12", "--val-every", "6",
        "--set", "stages.mtp_weights_end=[[1.0, 0.5], [1.0, 0.2], [1.0, 0.1], [1.0, 0.1]]",
        "--set", "stages.prefix_weight_start=[0.25, 0.25, 0.1, 0.05]",
        "--set", "stages.prefix_weight_end=[0.25, 0.1, 0.05, 0.05]",
-       # the record's layout at 4 blocks (half the compile time of tiny's 6)
-       "--set", "model.n_layer=4", "--set", "model.long_short_pattern=SSSL", "--set", "model.value_embed_layers=[1, 3]",
-       "--set", "model.skip_connections=[[0, 2]]", "--set", "model.attn_input_layer=1",
-       "--set", "model.gate_split_layer=2", "--set", "model.paired_head_layers=[0, 2]", "--set", "model.xsa_layers=[1]",
-       "--set", "model.attn_gate_layers=[3]", "--set", "model.composable_layers=[3]"]
+       *(arg for key in TINY_4_BLOCKS for arg in ("--set", key))]
 STAGED = [*RUN, "--device", "cpu", "--no-compile"]
 
 
