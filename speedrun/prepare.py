@@ -90,6 +90,19 @@ def keep_freed_host_memory() -> bool:
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+def avoid_inductor_mix_order_reduction() -> None:
+    """Turn off inductor's mix-order reduction (fusing a row and a column reduction of one tensor,
+    as in a norm's backward), a CUDA-only fusion new in torch 2.10 with a run of open bugs: on
+    torch 2.11 it aborts compiling the 2026 model (AssertionError "16384 v.s. 16383", a reduction
+    over the sequence fused with one over all but its last token; pytorch#176375) and a later
+    version was found to sum masked-out values (pytorch#196168). A user's TORCHINDUCTOR_MIX_ORDER_REDUCTION is left to decide."""
+    import torch._inductor.config
+
+    triton = torch._inductor.config.triton
+    if hasattr(triton, "mix_order_reduction") and "TORCHINDUCTOR_MIX_ORDER_REDUCTION" not in os.environ:
+        triton.mix_order_reduction = False
+
+
 def prepare(model: GPT, cfg: Config, device: torch.device, mode: str, sequences_per_loss: int = 1) -> Callable:
     """Move `model` to `device`, set it up for `mode` (see MODES) and return the callable to run it
     with (the model, or its compiled wrapper). `sequences_per_loss` is how many sequences each
@@ -125,5 +138,7 @@ def prepare(model: GPT, cfg: Config, device: torch.device, mode: str, sequences_
     compiled = cfg.train.compile if training else mode == "eval" and device.type == "cuda"
     if compiled:
         use_persistent_compile_cache()
+        if device.type == "cuda":
+            avoid_inductor_mix_order_reduction()
         return torch.compile(model, dynamic=False)
     return model

@@ -64,3 +64,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report):
+    """With SPEEDRUN_FAILURES_AT_ONCE=1, a failure's traceback goes to stderr as the test fails, not
+    in pytest's closing summary: benchmarks/gpu_check.sh sets it, because its time limit can kill
+    pytest before the summary and a lent GPU's minutes are too few to run the tests again."""
+    if report.failed and os.environ.get("SPEEDRUN_FAILURES_AT_ONCE") == "1":
+        print(f"\n{report.nodeid} FAILED ({report.when}):\n{report.longreprtext}\n", file=sys.stderr, flush=True)

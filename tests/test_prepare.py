@@ -76,3 +76,16 @@ def test_the_cli_keeps_compiled_kernels_under_speedrun_cache(tmp_path, user_dir)
         env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / user_dir)
     out = subprocess.run([sys.executable, "-c", CACHE_PROBE], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.splitlines()[-1] == str(tmp_path / (user_dir or "cache/inductor"))
+
+
+@pytest.mark.parametrize("user_setting", [None, "1"])
+def test_mix_order_reduction_is_off_unless_the_user_chose(monkeypatch, user_setting):
+    import torch._inductor.config as inductor_config
+
+    if user_setting is None:
+        monkeypatch.delenv("TORCHINDUCTOR_MIX_ORDER_REDUCTION", raising=False)
+    else:
+        monkeypatch.setenv("TORCHINDUCTOR_MIX_ORDER_REDUCTION", user_setting)
+    with inductor_config.patch({"triton.mix_order_reduction": True}):
+        prepare.avoid_inductor_mix_order_reduction()
+        assert inductor_config.triton.mix_order_reduction is (user_setting is not None)
