@@ -66,7 +66,7 @@ class ModelConfig:
     long_short_pattern: str = ""
     fp8_head: str = "off"  # off | on | auto (CUDA cc >= 8.9)
     fp8_scales: list[float] = field(default_factory=lambda: [2.0, 512.0, 524288.0])  # x, w, grad
-    activation_dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 elsewhere) | bfloat16 | float32; no autocast
+    activation_dtype: str = "auto"  # auto (bfloat16 on CUDA and on CPUs with AVX-512 BF16 or AMX, else float32) | bfloat16 | float32; no autocast
     bf16_embeddings: bool = False  # with bfloat16 activations, store embedding tables in bf16 as the record does
     # The 2026 record's model (../shared/docs/record-2026.md §1 and §3; the codes E1.. name its
     # techniques there). Every key is off by default; docs/model.md says what each does.
@@ -200,7 +200,9 @@ class TrainConfig:
     steps: int = 19073  # llm.c's GPT-2 (124M): 10B tokens in steps of 524,288
     val_every: int = 250  # 0: only at the end
     seed: int = 0
-    compile: bool = True
+    # true: torch.compile the model; false: eager; "auto": the model on CUDA, on CPU only the loss
+    # tail (speedrun.prepare.compile_scope says why)
+    compile: bool | str = "auto"
     device: str = "auto"  # auto | cpu | cuda
     warmup_steps_untimed: int = 10  # compile warm-up steps whose effects are undone
     log_every: int = 1  # steps between fetches of the losses from the device (a host sync); every step is logged
@@ -276,6 +278,10 @@ def _coerce(key: str, value, hint, where: str):
             raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}")
         (item,) = typing.get_args(hint)
         return [_coerce(key, v, item, where) for v in value]
+    if hint == bool | str:  # true, false or a word (train.compile's "auto"; validate checks which)
+        if not isinstance(value, (bool, str)):
+            raise ConfigError(f"{where}: '{key}' must be true, false or a string, got {value!r}")
+        return value
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: '{key}' must be true or false, got {value!r}")
@@ -475,6 +481,8 @@ def validate(cfg: Config) -> None:
         if value not in allowed:
             raise ConfigError(f"'{section}.{key}' must be one of {', '.join(allowed)}; got '{value}'")
     m, d, t = cfg.model, cfg.data, cfg.train
+    if t.compile not in (True, False, "auto"):
+        raise ConfigError(f"'train.compile' must be true, false or \"auto\"; got '{t.compile}'")
     positive = [("model.n_layer", m.n_layer), ("model.n_head", m.n_head), ("model.head_dim", m.head_dim),
                 ("model.model_dim", m.model_dim), ("data.seq_len", d.seq_len), ("data.micro_batch_seqs", d.micro_batch_seqs),
                 ("data.batch_tokens", d.batch_tokens), ("data.val_tokens", d.val_tokens), ("data.val_seq_len", d.val_seq_len),

@@ -442,10 +442,12 @@ def _enough_tokens(ctx: Context, train_tokens: int, val_tokens: int) -> Iterator
 # -- 8. compile -------------------------------------------------------------------------------------
 
 def check_compile(ctx: Context) -> Iterator[Line]:
-    if not ctx.cfg.train.compile:
+    from speedrun.prepare import compile_scope, use_persistent_compile_cache, user_compile_cache
+
+    scope = compile_scope(ctx.cfg, ctx.device) if ctx.device is not None else "model"
+    if scope is None:
         yield INFO, "compile: off (train.compile = false): the model runs eagerly"
         return
-    from speedrun.prepare import use_persistent_compile_cache, user_compile_cache
 
     use_persistent_compile_cache()
     cache = os.environ["TORCHINDUCTOR_CACHE_DIR"]
@@ -460,7 +462,8 @@ def check_compile(ctx: Context) -> Iterator[Line]:
     if not writable:
         yield FAIL, f"compile: the inductor cache {cache} is not writable"
         return
-    yield OK, (f"compile: on (torch.compile; {ctx.cfg.train.warmup_steps_untimed} untimed warm-up steps); "
+    what = "the loss tail only (train.compile = auto on CPU)" if scope == "loss" else "the model"
+    yield OK, (f"compile: on, {what} (torch.compile; {ctx.cfg.train.warmup_steps_untimed} untimed warm-up steps); "
                f"inductor cache {cache} ({source})")
 
 

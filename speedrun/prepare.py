@@ -20,16 +20,26 @@ from speedrun.mlp import MLP
 from speedrun.model import GPT
 from speedrun.prefix import gpt2_prefix_table
 
-# train: training mode, compiled as train.compile says, FP8 head where enabled.
+# train: training mode, compiled as train.compile says (compile_scope), FP8 head where enabled.
 # eval: evaluation mode on batches of one shape, compiled on CUDA (FlexAttention's fused kernel).
 # inference: evaluation mode, eager, for inputs whose shapes change at every call (sampling over a
 # KV cache, HellaSwag's items), where a compiled model would recompile.
 MODES = ("train", "eval", "inference")
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX), where bf16 activations
+    make a tiny step 1.3-1.7x faster (docs/benchmarks.md); elsewhere torch emulates bf16 through
+    float32 and would be slower. False where torch cannot tell (its probes are private)."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
 def activation_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """ModelConfig.activation_dtype; "auto" is bf16 on CUDA and on CPUs with fast bf16, else float32."""
     if cfg.activation_dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+        return torch.bfloat16 if fast else torch.float32
     return getattr(torch, cfg.activation_dtype)
 
 
@@ -103,6 +113,19 @@ def avoid_inductor_mix_order_reduction() -> None:
         triton.mix_order_reduction = False
 
 
+def compile_scope(cfg: Config, device: torch.device) -> str | None:
+    """What training compiles: "model", "loss" (the LMHead: head matmul, softcap and cross-entropy)
+    or None (eager). train.compile = "auto" compiles the model on CUDA and only the loss tail on CPU.
+    Measured for tiny on 2 cores (docs/benchmarks.md): compiling the whole model costs about 80 s
+    cold and 15 s warm and makes its steps about 15% faster than with the loss tail alone compiled,
+    which costs about 12 s cold and makes eager steps 25-35% faster (the (T, 50,304) logits' softcap
+    and softmax are most of a small model's elementwise work): over the default 70-step run a
+    whole-model compile does not pay for itself, even from a warm cache."""
+    if cfg.train.compile == "auto":
+        return "model" if device.type == "cuda" else "loss"
+    return "model" if cfg.train.compile else None
+
+
 def prepare(model: GPT, cfg: Config, device: torch.device, mode: str, sequences_per_loss: int = 1) -> Callable:
     """Move `model` to `device`, set it up for `mode` (see MODES) and return the callable to run it
     with (the model, or its compiled wrapper). `sequences_per_loss` is how many sequences each
@@ -135,10 +158,13 @@ def prepare(model: GPT, cfg: Config, device: torch.device, mode: str, sequences_
     if training and cfg.stages.prefix_weight_start:
         model.prefix_table = gpt2_prefix_table(model.padded_vocab).to(device)
     model.train(training)
-    compiled = cfg.train.compile if training else mode == "eval" and device.type == "cuda"
-    if compiled:
+    scope = compile_scope(cfg, device) if training else "model" if mode == "eval" and device.type == "cuda" else None
+    if scope is not None:
         use_persistent_compile_cache()
         if device.type == "cuda":
             avoid_inductor_mix_order_reduction()
+    if scope == "model":
         return torch.compile(model, dynamic=False)
+    if scope == "loss":
+        model.lm_head.compile(dynamic=False)
     return model

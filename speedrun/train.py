@@ -29,7 +29,7 @@ from speedrun.distributed import (GradientAverager, Runtime, all_reduce_sum, bac
 from speedrun.errors import DataError, SpeedrunError, UsageError, first_line
 from speedrun.evaluate import loss_sums
 from speedrun.model import GPT
-from speedrun.prepare import fp8_supported, graphs_compiled, prepare
+from speedrun.prepare import compile_scope, fp8_supported, graphs_compiled, prepare
 from speedrun.optim import apply_schedule, build_optimizers, schedule_at
 from speedrun.optim.tied import add_embedding_grad, copy_head_to_embedding, untie
 from speedrun.stages import (StepPlan, grad_accum, graph_key, head_tied_at, shape_steps, step_plan, tokens_before,
@@ -116,6 +116,12 @@ def check_run_data(cfg: Config) -> None:
         shards.read_shard(f, vocab_size=cfg.model.vocab_size)
 
 
+AUTO_COMPILE_ON_CPU = ("compile: auto compiles only the loss tail on CPU, where a whole-model compile costs more "
+                       "time than it saves in a short run (docs/benchmarks.md); --compile compiles the whole model")
+COMPILE_PATHS = {"model": "torch.compile (dynamic=False)", "loss": "torch.compile (dynamic=False) of the loss tail",
+                 None: "eager"}
+
+
 def execution_path(trainer: "Trainer") -> dict:
     """What actually runs, so that two runs can be told apart from their logs: attention backend and
     window rule, head, dtype, compile, and the software and hardware underneath."""
@@ -125,7 +131,7 @@ def execution_path(trainer: "Trainer") -> dict:
     path = {"attention": f"{attention_backend(cfg.model, cfg.data.seq_len, device)}, {window}",
             "head": "fp8" if trainer.model.lm_head.fp8_scales else str(trainer.model.activation_dtype).removeprefix("torch."),
             "activations": str(trainer.model.activation_dtype).removeprefix("torch."),
-            "compile": "torch.compile (dynamic=False)" if cfg.train.compile else "eager",
+            "compile": COMPILE_PATHS[compile_scope(cfg, device)],
             "torch": torch.__version__, "cuda": torch.version.cuda or "none",
             "device": device_description(device), "backend": backend_name(), "world_size": trainer.rt.world_size}
     if device.type == "cuda" and not fp8_supported(device) and cfg.model.fp8_head == "auto":
@@ -243,7 +249,7 @@ class Trainer:
     # -- state that checkpoints carry -------------------------------------------------------------
     def state(self) -> dict:
         return {"step": self.step, "train_time_ms": self.train_time_ms, "loader": self.loader.state_dict(),
-                "label": self.label}
+                "label": self.label, "activation_dtype": str(self.model.activation_dtype).removeprefix("torch.")}
 
     def load_state(self, state: dict) -> None:
         self.step = state["step"]
@@ -499,8 +505,14 @@ def resume(cfg: Config, rt: Runtime, run_dir: Path, options: RunOptions) -> tupl
     found = checkpoint.find_resume(run_dir, options.resume) if options.resume else None
     notes: list[str] = []
     if found is not None:
-        step = checkpoint.read_state(found)["step"]
+        state = checkpoint.read_state(found)
+        step = state["step"]
         cfg, notes = resumed_config(checkpoint.read_config(found), cfg, options.asked)
+        if cfg.model.activation_dtype == "auto":
+            # the dtype the run trained in, whatever "auto" picks here; a checkpoint that does not
+            # say is older than bf16 on CPU, when "auto" meant bf16 on CUDA and float32 elsewhere
+            cfg.model.activation_dtype = state.get("activation_dtype") or (
+                "bfloat16" if rt.device.type == "cuda" else "float32")
         if cfg.train.steps < step:
             raise UsageError(f"--steps {cfg.train.steps}: the checkpoint {found} is already at step {step}")
     check_run_data(cfg)
@@ -529,6 +541,7 @@ def _open_log(trainer: Trainer, run_dir: Path, options: RunOptions, resumed: lis
             f"parameters: {sum(p.numel() for p in trainer.model.parameters()):,}  grad_accum: {trainer.accum}  "
             f"tokens/step: {step_plan(0, cfg).batch_tokens:,}" + ("  (at step 0; see `speedrun schedule`)" if cfg.stages.ends else ""),
             "path: " + "  ".join(f"{k}: {v}" for k, v in path.items() if k not in ("torch", "cuda", "device", "world_size")),
+            *([AUTO_COMPILE_ON_CPU] if cfg.train.compile == "auto" and compile_scope(cfg, rt.device) == "loss" else []),
             *resumed,
         ])
     return log

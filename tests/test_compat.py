@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_metrics, run_cli
+from conftest import SMALL_RUN, read_metrics, run_cli
 from speedrun import checkpoint
 from speedrun.config import load_config, scale_steps, to_dict
 
@@ -47,3 +47,23 @@ def test_a_version_1_run_resumes_to_its_own_losses(tmp_path, preset):
     assert set(got) == set(want)
     for key in sorted(want):
         assert got[key] == want[key], key
+
+
+@pytest.mark.parametrize("saved", ["float32", "bfloat16", None])
+def test_auto_activations_resume_in_the_dtype_the_run_trained_in(tmp_path, saved):
+    """activation_dtype = "auto" resumes in the dtype state.json says the run trained in, whatever
+    "auto" picks on this machine; a checkpoint without it (from before bf16 on CPU) in float32 on CPU."""
+    run = tmp_path / "run"
+    short = [*SMALL_RUN, "--preset", "tiny-2025", "--device", "cpu", "--steps", "4", "--val-every", "0"]
+    run_cli("train", *short, "--steps", "2", "--save-every", "2", "--out", str(run))
+    state_file = run / "checkpoints" / "step_000002" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["activation_dtype"] in ("float32", "bfloat16")
+    if saved is None:
+        del state["activation_dtype"]
+    else:
+        state["activation_dtype"] = saved
+    state_file.write_text(json.dumps(state))
+    run_cli("train", *short, "--resume", "auto", "--out", str(run))
+    header = [line for line in (run / "log.txt").read_text().splitlines() if line.startswith("path:")][-1]
+    assert f"activations: {saved or 'float32'}" in header

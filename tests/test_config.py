@@ -224,3 +224,16 @@ def test_version_1_adam_mode_needs_its_lr_as_version_1_did(tmp_path, text):
     f.write_text("version = 1\n" + text)
     with pytest.raises(ConfigError, match="old.toml: 'optim.lr_adam' must be a positive number when optim.muon = false"):
         load_config(None, f)
+
+
+@pytest.mark.parametrize("value,compile", [("true", True), ("false", False), ("auto", "auto"), ('"auto"', "auto")])
+def test_train_compile_is_true_false_or_auto(value, compile):
+    assert load_config("tiny", None, [f"train.compile={value}"]).train.compile == compile
+    assert load_config("tiny").train.compile == "auto"
+
+
+@pytest.mark.parametrize("value,message", [("maybe", "'train.compile' must be true, false or \"auto\"; got 'maybe'"),
+                                           ("3", "'train.compile' must be true, false or a string, got 3")])
+def test_train_compile_refuses_anything_else(value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", None, [f"train.compile={value}"])

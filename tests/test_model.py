@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import speedrun.attention
+import speedrun.prepare
 from speedrun.attention import NO_WINDOW
 from speedrun.config import load_config
 from speedrun.data.tokenizer import EOT
@@ -310,11 +311,29 @@ def test_bf16_mode_runs_every_matmul_and_attention_in_bf16(positional, norm):
 
 
 def test_float32_mode_keeps_float32():
-    model = prepared(build(tiny()), mode="eval")  # auto: float32 off CUDA
+    model = prepared(build(tiny(activation_dtype="float32")), mode="eval")
     assert model.activation_dtype == torch.float32 and model.wte.weight.dtype == torch.float32
     with MatmulDtypes() as seen:
         model(batch(T=128), batch(T=128, seed=1), window_tokens=128)
     assert all(dtypes == {torch.float32} for dtypes in seen.seen.values()), seen.seen
+
+
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_auto_activations_on_cpu_are_bf16_only_where_the_cpu_has_fast_bf16(monkeypatch, fast_bf16):
+    monkeypatch.setattr(speedrun.prepare, "cpu_has_fast_bf16", lambda: fast_bf16)
+    model = prepared(build(tiny(activation_dtype="auto")))
+    assert model.activation_dtype == (torch.bfloat16 if fast_bf16 else torch.float32)
+
+
+@pytest.mark.parametrize("avx512_bf16,amx,expected", [(False, False, False), (True, False, True), (False, True, True),
+                                                      (None, None, False)])
+def test_fast_bf16_means_avx512_bf16_or_amx(monkeypatch, avx512_bf16, amx, expected):
+    for name, answer in (("_is_avx512_bf16_supported", avx512_bf16), ("_is_amx_tile_supported", amx)):
+        if answer is None:  # a torch without the probe
+            monkeypatch.delattr(torch.cpu, name, raising=False)
+        else:
+            monkeypatch.setattr(torch.cpu, name, lambda answer=answer: answer, raising=False)
+    assert speedrun.prepare.cpu_has_fast_bf16() is expected
 
 
 def test_fp8_switch():

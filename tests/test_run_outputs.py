@@ -29,6 +29,9 @@ import pytest
 import torch
 
 from conftest import SMALL_RUN, read_metrics, speedrun_cmd
+from speedrun.prepare import cpu_has_fast_bf16
+
+AUTO_DTYPE = "bfloat16" if cpu_has_fast_bf16() else "float32"  # activation_dtype = "auto" on this CPU
 
 # SMALL_RUN with half its batch (one sequence of 128 per micro-step, two micro-steps), a quarter of
 # its val set and one warm-up step, on the CPU: about 0.5 s a step on one thread, and deterministic.
@@ -285,7 +288,7 @@ def test_log_header_names_versions_device_config_size_path_and_warmup(main_run):
     assert h["path"] == {k: str(summary["path"][k]) for k in h["path"]}
     assert h["path"]["compile"] == ("torch.compile (dynamic=False)" if cfg.train.compile else "eager") == "eager"
     assert h["path"]["attention"] == "sdpa, block windows (record schedule)"  # CPU: no FlexAttention
-    assert h["path"]["head"] == h["path"]["activations"] == "float32"
+    assert h["path"]["head"] == h["path"]["activations"] == AUTO_DTYPE
     assert int(h["warmup"]["steps"]) == cfg.train.warmup_steps_untimed == 1
     assert abs(float(h["warmup"]["seconds"]) - summary["warmup_s"]) <= 0.051
 
@@ -389,7 +392,7 @@ def test_summary_holds_every_field(main_run):
     assert summary["peak_memory_mib"] > 0
     assert summary["warmup_s"] >= 0
     assert summary["path"] == {
-        "attention": "sdpa, block windows (record schedule)", "head": "float32", "activations": "float32",
+        "attention": "sdpa, block windows (record schedule)", "head": AUTO_DTYPE, "activations": AUTO_DTYPE,
         "compile": "eager", "torch": torch.__version__, "cuda": torch.version.cuda or "none",
         "device": summary["path"]["device"], "backend": summary["path"]["backend"], "world_size": 1}
     assert summary["path"]["device"].startswith("CPU ") and summary["path"]["backend"]
