@@ -28,7 +28,7 @@ from pathlib import Path
 
 from speedrun import analysis, rundir
 from speedrun.checkpoint import write_json
-from speedrun.config import SECTIONS, Config, load_config, to_dict
+from speedrun.config import COMPILE_HELP, SECTIONS, Config, load_config, to_dict
 from speedrun.errors import DataError, UsageError
 
 SPEC_FILE = "ablation.json"
@@ -568,5 +568,6 @@ def register(sub) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key in every arm (repeatable)")
     p.add_argument("--data", metavar="DIR", help="directory of .bin shards for every run")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help=COMPILE_HELP)
     p.set_defaults(func=_cmd_ablate)

@@ -17,7 +17,7 @@ import tempfile
 
 import torch
 
-from speedrun.config import load_config
+from speedrun.config import COMPILE_HELP, load_config
 from speedrun.errors import UsageError
 from speedrun.prepare import graphs_compiled
 from speedrun.distributed import setup, teardown
@@ -93,7 +93,8 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help=COMPILE_HELP)
     p.add_argument("--compile-latency", action="store_true",
                    help="also measure cold and warm compile time in fresh processes sharing an empty cache")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

@@ -195,6 +195,11 @@ class StageConfig:
     head_tied: list[bool] = field(default_factory=list)
 
 
+# the --compile flag's help, one text for every command that has the flag
+COMPILE_HELP = ("torch.compile the whole model; --no-compile: eager (default: train.compile = auto, the model on "
+                "CUDA and the loss tail on CPU)")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 19073  # llm.c's GPT-2 (124M): 10B tokens in steps of 524,288

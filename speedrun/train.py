@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from speedrun import analysis, checkpoint, rundir
 from speedrun.attention import attention_backend
-from speedrun.config import SECTIONS, Config, load_config, scale_steps, to_dict, to_toml, validate
+from speedrun.config import COMPILE_HELP, SECTIONS, Config, load_config, scale_steps, to_dict, to_toml, validate
 from speedrun.data import shards
 from speedrun.data.corpus import builtin_corpus_dir
 from speedrun.data.loader import TrainLoader, find_shards, val_batches, val_fingerprint
@@ -650,7 +650,8 @@ def register(sub) -> None:
                                  "holds a run is refused unless --resume or --overwrite")
     p.add_argument("--overwrite", action="store_true", help="delete the results already in --out before training")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help=COMPILE_HELP)
     p.add_argument("--seed", type=int)
     p.add_argument("--steps", type=int, help="number of optimizer steps; every schedule is scaled to it")
     p.add_argument("--val-every", type=int, help="validate every N steps (0: only at the end)")
