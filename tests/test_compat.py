@@ -49,13 +49,22 @@ def test_a_version_1_run_resumes_to_its_own_losses(tmp_path, preset):
         assert got[key] == want[key], key
 
 
+AUTO_DTYPE_RUN = [*SMALL_RUN, "--preset", "tiny-2025", "--device", "cpu", "--steps", "4", "--val-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def two_steps_saved(tmp_path_factory):
+    run = tmp_path_factory.mktemp("auto-dtype") / "run"
+    run_cli("train", *AUTO_DTYPE_RUN, "--steps", "2", "--save-every", "2", "--out", str(run))
+    return run
+
+
 @pytest.mark.parametrize("saved", ["float32", "bfloat16", None])
-def test_auto_activations_resume_in_the_dtype_the_run_trained_in(tmp_path, saved):
+def test_auto_activations_resume_in_the_dtype_the_run_trained_in(tmp_path, two_steps_saved, saved):
     """activation_dtype = "auto" resumes in the dtype state.json says the run trained in, whatever
     "auto" picks on this machine; a checkpoint without it (from before bf16 on CPU) in float32 on CPU."""
     run = tmp_path / "run"
-    short = [*SMALL_RUN, "--preset", "tiny-2025", "--device", "cpu", "--steps", "4", "--val-every", "0"]
-    run_cli("train", *short, "--steps", "2", "--save-every", "2", "--out", str(run))
+    shutil.copytree(two_steps_saved, run)
     state_file = run / "checkpoints" / "step_000002" / "state.json"
     state = json.loads(state_file.read_text())
     assert state["activation_dtype"] in ("float32", "bfloat16")
@@ -64,6 +73,6 @@ def test_auto_activations_resume_in_the_dtype_the_run_trained_in(tmp_path, saved
     else:
         state["activation_dtype"] = saved
     state_file.write_text(json.dumps(state))
-    run_cli("train", *short, "--resume", "auto", "--out", str(run))
+    run_cli("train", *AUTO_DTYPE_RUN, "--resume", "auto", "--out", str(run))
     header = [line for line in (run / "log.txt").read_text().splitlines() if line.startswith("path:")][-1]
     assert f"activations: {saved or 'float32'}" in header
