@@ -121,6 +121,9 @@ class OptimConfig:
     # how Muon and NorMuon orthogonalise: newton_schulz (the 2025 quintic, ns_steps iterations) |
     # polar_express (the 2026 record: five iterations, each with its own coefficients)
     orthogonalizer: str = "newton_schulz"
+    # its matmuls' dtype: auto (bfloat16, as the records, on CUDA and on CPUs with AVX-512 BF16 or
+    # AMX; float32 on other CPUs, where bf16 matmuls are emulated and far slower) | bfloat16 | float32
+    orthogonalize_dtype: str = "auto"
     normuon_beta2: float = 0.9  # NorMuon's second-moment decay (per row or column of the orthogonalised update)
     qk_blocks: str = "matrix"  # NorMuon: Q and K orthogonalised whole (matrix) or per pair of heads (head_pair)
     lr_mul_mlp_out: float = 1.0  # NorMuon's lr factor of the MLP output projection (the 2026 record: 2)
@@ -473,6 +476,7 @@ _CHOICES = {
     ("optim", "schedule"): ("trapezoid", "cosine"),
     ("optim", "hidden_optimizer"): ("muon", "normuon", "adam"),
     ("optim", "orthogonalizer"): ("newton_schulz", "polar_express"),
+    ("optim", "orthogonalize_dtype"): ("auto", "bfloat16", "float32"),
     ("optim", "qk_blocks"): ("matrix", "head_pair"),
     ("optim", "weight_decay_mode"): ("decoupled", "cautious"),
     ("optim", "hidden_weight_dtype"): ("float32", "bfloat16"),

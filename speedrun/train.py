@@ -249,7 +249,9 @@ class Trainer:
     # -- state that checkpoints carry -------------------------------------------------------------
     def state(self) -> dict:
         return {"step": self.step, "train_time_ms": self.train_time_ms, "loader": self.loader.state_dict(),
-                "label": self.label, "activation_dtype": str(self.model.activation_dtype).removeprefix("torch.")}
+                "label": self.label, "activation_dtype": str(self.model.activation_dtype).removeprefix("torch."),
+                **{"orthogonalize_dtype": str(o.orthogonalize_dtype).removeprefix("torch.")
+                   for o in self.optimizers if hasattr(o, "orthogonalize_dtype")}}
 
     def load_state(self, state: dict) -> None:
         self.step = state["step"]
@@ -508,11 +510,14 @@ def resume(cfg: Config, rt: Runtime, run_dir: Path, options: RunOptions) -> tupl
         state = checkpoint.read_state(found)
         step = state["step"]
         cfg, notes = resumed_config(checkpoint.read_config(found), cfg, options.asked)
+        # The dtypes the run trained in, whatever "auto" picks here. A checkpoint that does not say is
+        # from before "auto" looked at the CPU: activations were bf16 on CUDA and float32 elsewhere,
+        # and Muon/NorMuon orthogonalised in bf16 everywhere.
         if cfg.model.activation_dtype == "auto":
-            # the dtype the run trained in, whatever "auto" picks here; a checkpoint that does not
-            # say is older than bf16 on CPU, when "auto" meant bf16 on CUDA and float32 elsewhere
             cfg.model.activation_dtype = state.get("activation_dtype") or (
                 "bfloat16" if rt.device.type == "cuda" else "float32")
+        if cfg.optim.orthogonalize_dtype == "auto":
+            cfg.optim.orthogonalize_dtype = state.get("orthogonalize_dtype", "bfloat16")
         if cfg.train.steps < step:
             raise UsageError(f"--steps {cfg.train.steps}: the checkpoint {found} is already at step {step}")
     check_run_data(cfg)

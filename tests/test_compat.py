@@ -59,20 +59,32 @@ def two_steps_saved(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("saved", ["float32", "bfloat16", None])
-def test_auto_activations_resume_in_the_dtype_the_run_trained_in(tmp_path, two_steps_saved, saved):
-    """activation_dtype = "auto" resumes in the dtype state.json says the run trained in, whatever
-    "auto" picks on this machine; a checkpoint without it (from before bf16 on CPU) in float32 on CPU."""
+# (activation_dtype, orthogonalize_dtype) written into the checkpoint's state.json -> what the
+# resumed run must train in; None: the keys are missing, as in checkpoints from before "auto"
+# looked at the CPU
+PINNED = {"float32": ("float32", "float32"), "bfloat16": ("bfloat16", "bfloat16"), None: ("float32", "bfloat16")}
+
+
+@pytest.mark.parametrize("saved", PINNED)
+def test_auto_dtypes_resume_in_the_dtypes_the_run_trained_in(tmp_path, two_steps_saved, saved):
+    """model.activation_dtype and optim.orthogonalize_dtype = "auto" resume in the dtypes state.json
+    says the run trained in, whatever "auto" picks on this machine, and the resumed run's next
+    checkpoint says the same; a checkpoint without them resumes as such runs trained on CPU:
+    float32 activations, bf16 orthogonalisation."""
     run = tmp_path / "run"
     shutil.copytree(two_steps_saved, run)
     state_file = run / "checkpoints" / "step_000002" / "state.json"
     state = json.loads(state_file.read_text())
-    assert state["activation_dtype"] in ("float32", "bfloat16")
-    if saved is None:
-        del state["activation_dtype"]
-    else:
-        state["activation_dtype"] = saved
+    assert state["activation_dtype"] in ("float32", "bfloat16") and state["orthogonalize_dtype"] in ("float32", "bfloat16")
+    for key, value in zip(("activation_dtype", "orthogonalize_dtype"), (saved, saved)):
+        if value is None:
+            del state[key]
+        else:
+            state[key] = value
     state_file.write_text(json.dumps(state))
     run_cli("train", *AUTO_DTYPE_RUN, "--resume", "auto", "--out", str(run))
+    activations, orthogonalize = PINNED[saved]
     header = [line for line in (run / "log.txt").read_text().splitlines() if line.startswith("path:")][-1]
-    assert f"activations: {saved or 'float32'}" in header
+    assert f"activations: {activations}" in header
+    resumed = json.loads((run / "checkpoints" / "step_000004" / "state.json").read_text())
+    assert (resumed["activation_dtype"], resumed["orthogonalize_dtype"]) == (activations, orthogonalize)

@@ -8,7 +8,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from speedrun.config import Config, OptimConfig, TrainConfig, load_config
+import speedrun.prepare
 from speedrun.optim import Muon, apply_schedule, build_optimizers, lr_multiplier, muon_momentum, newton_schulz
+from speedrun.optim.orthogonalize import orthogonalize_dtype
 
 
 def _randn(shape, seed):
@@ -332,3 +334,16 @@ def test_every_registered_optimizer_is_a_config_choice_and_back():
     from speedrun.optim import OPTIMIZERS
 
     assert set(config._CHOICES[("optim", "hidden_optimizer")]) == set(OPTIMIZERS)
+
+
+@pytest.mark.parametrize("setting,fast_bf16,expected", [("auto", True, torch.bfloat16), ("auto", False, torch.float32),
+                                                        ("bfloat16", False, torch.bfloat16), ("float32", True, torch.float32)])
+def test_orthogonalize_dtype_is_bf16_where_the_cpu_multiplies_it_fast(monkeypatch, setting, fast_bf16, expected):
+    monkeypatch.setattr(speedrun.prepare, "cpu_has_fast_bf16", lambda: fast_bf16)
+    roles = {"hidden": [torch.nn.Parameter(torch.randn(8, 4))]}
+    (muon,) = build_optimizers(roles, OptimConfig(hidden_optimizer="muon", orthogonalize_dtype=setting))
+    assert orthogonalize_dtype(OptimConfig(orthogonalize_dtype=setting), [{"params": roles["hidden"]}]) == expected
+    assert muon.orthogonalize_dtype == expected
+    roles["hidden"][0].grad = torch.randn(8, 4)
+    muon.step()  # the update in that dtype applies to the float32 weight
+    assert roles["hidden"][0].dtype == torch.float32 and roles["hidden"][0].isfinite().all()

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from speedrun.config import OptimConfig
-from speedrun.optim.orthogonalize import ORTHOGONALIZERS, orthogonalize
+from speedrun.optim.orthogonalize import ORTHOGONALIZERS, orthogonalize, orthogonalize_dtype
 from speedrun.optim.sharded import ShardedOptimizer
 
 
@@ -29,12 +29,13 @@ class Muon(ShardedOptimizer):
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                 weight_decay: float = 0.0, orthogonalizer: str = "newton_schulz"):
+                 weight_decay: float = 0.0, orthogonalizer: str = "newton_schulz",
+                 orthogonalize_dtype: torch.dtype = torch.bfloat16):
         if orthogonalizer not in ORTHOGONALIZERS:
             raise ValueError(f"unknown orthogonalizer '{orthogonalizer}'; expected {', '.join(ORTHOGONALIZERS)}")
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                                       weight_decay=weight_decay))
-        self.orthogonalizer = orthogonalizer
+        self.orthogonalizer, self.orthogonalize_dtype = orthogonalizer, orthogonalize_dtype
 
     def bucket_key(self, p: Tensor) -> tuple:
         return p.numel(), p.dtype, p.device
@@ -47,10 +48,10 @@ class Muon(ShardedOptimizer):
         buf = state["momentum_buffer"]
         buf.lerp_(p.grad, 1 - group["momentum"])
         g = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-        return orthogonalize(g, self.orthogonalizer, group["ns_steps"])
+        return orthogonalize(g, self.orthogonalizer, group["ns_steps"], self.orthogonalize_dtype)
 
     def placeholder(self, p: Tensor) -> Tensor:
-        return torch.zeros(p.shape, dtype=torch.bfloat16, device=p.device)
+        return torch.zeros(p.shape, dtype=self.orthogonalize_dtype, device=p.device)
 
     def receive(self, chunk: list[Tensor], updates, group: dict) -> None:
         for p, u in zip(chunk, updates):  # u is None where p has no grad
@@ -64,4 +65,4 @@ class Muon(ShardedOptimizer):
 def build(groups: list[dict], cfg: OptimConfig, fused: bool = False) -> Muon:
     """Muon over `groups` (each with its own lr and weight_decay); `fused` has no meaning here."""
     return Muon(groups, momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov, ns_steps=cfg.ns_steps,
-                orthogonalizer=cfg.orthogonalizer)
+                orthogonalizer=cfg.orthogonalizer, orthogonalize_dtype=orthogonalize_dtype(cfg, groups))

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from speedrun.config import OptimConfig
-from speedrun.optim.orthogonalize import ORTHOGONALIZERS, orthogonalize
+from speedrun.optim.orthogonalize import ORTHOGONALIZERS, orthogonalize, orthogonalize_dtype
 from speedrun.optim.sharded import ShardedOptimizer
 
 QK_BLOCKS = ("matrix", "head_pair")
@@ -149,7 +149,8 @@ class NorMuon(ShardedOptimizer):
 
     def __init__(self, params, lr: float = 0.023, momentum: float = 0.95, nesterov: bool = True, beta2: float = 0.9,
                  weight_decay: float = 0.0, ns_steps: int = 5, orthogonalizer: str = "polar_express",
-                 qk_blocks: str = "head_pair", lr_mul_mlp_out: float = 2.0, weight_decay_mode: str = "cautious"):
+                 qk_blocks: str = "head_pair", lr_mul_mlp_out: float = 2.0, weight_decay_mode: str = "cautious",
+                 orthogonalize_dtype: torch.dtype = torch.bfloat16):
         for name, value, choices in (("orthogonalizer", orthogonalizer, tuple(ORTHOGONALIZERS)),
                                      ("qk_blocks", qk_blocks, QK_BLOCKS),
                                      ("weight_decay_mode", weight_decay_mode, WEIGHT_DECAY_MODES)):
@@ -159,6 +160,7 @@ class NorMuon(ShardedOptimizer):
                                       weight_decay=weight_decay, ns_steps=ns_steps))
         self.orthogonalizer, self.qk_blocks, self.lr_mul_mlp_out = orthogonalizer, qk_blocks, lr_mul_mlp_out
         self.cautious = weight_decay_mode == "cautious"
+        self.orthogonalize_dtype = orthogonalize_dtype
         for group in self.param_groups:
             for p in group["params"]:
                 self.matrices(p)  # refuses a malformed layout now rather than at the first step
@@ -215,7 +217,7 @@ class NorMuon(ShardedOptimizer):
         low_bits = state.get("low_bits")
         master = _master(p, low_bits)
         for mats, V in zip(self.matrices(p), state["second_moments"]):
-            O = orthogonalize(mats.select(g), self.orthogonalizer, group["ns_steps"])
+            O = orthogonalize(mats.select(g), self.orthogonalizer, group["ns_steps"], self.orthogonalize_dtype)
             _decay_and_step(mats.select(master), _normalised(O, V, group["beta2"]), group["lr"],
                             group["lr"] * mats.lr_mul, group["weight_decay"], self.cautious)
         _store(p, master, low_bits)
@@ -272,4 +274,5 @@ def build(groups: list[dict], cfg: OptimConfig, fused: bool = False) -> NorMuon:
                          "models drop them)")
     return NorMuon(groups, momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov, beta2=cfg.normuon_beta2,
                    ns_steps=cfg.ns_steps, orthogonalizer=cfg.orthogonalizer, qk_blocks=cfg.qk_blocks,
-                   lr_mul_mlp_out=cfg.lr_mul_mlp_out, weight_decay_mode=cfg.weight_decay_mode)
+                   lr_mul_mlp_out=cfg.lr_mul_mlp_out, weight_decay_mode=cfg.weight_decay_mode,
+                   orthogonalize_dtype=orthogonalize_dtype(cfg, groups))

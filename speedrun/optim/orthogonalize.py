@@ -1,4 +1,5 @@
-"""The orthogonalisers of Muon and NorMuon: maps G = U S V^T to roughly U V^T, in bf16.
+"""The orthogonalisers of Muon and NorMuon: maps G = U S V^T to roughly U V^T, in bf16 as the
+records (or float32: optim.orthogonalize_dtype, where bf16 matmuls are slow).
 
 `ORTHOGONALIZERS` names them for optim.orthogonalizer: "newton_schulz", the fixed quintic of the
 2025 records (optim.ns_steps iterations), and "polar_express", the July-2026 record's five
@@ -13,6 +14,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from speedrun.config import OptimConfig
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 # (a, b, c) of each iteration X <- aX + b(XX^T)X + c(XX^T)^2 X, computed for five iterations with
@@ -26,14 +29,28 @@ POLAR_EXPRESS_COEFFICIENTS = (
 )
 
 
-def newton_schulz(G: Tensor, steps: int) -> Tensor:
-    """Approximately orthogonalise every matrix in G (shape (..., m, n)), in bf16.
+def orthogonalize_dtype(cfg: OptimConfig, groups: list[dict]) -> torch.dtype:
+    """optim.orthogonalize_dtype for the device of `groups`' parameters. "auto" is bf16, as the
+    records, on CUDA and on CPUs with fast bf16 (speedrun.prepare.cpu_has_fast_bf16); on other CPUs
+    torch emulates bf16 matmuls at a small fraction of float32's speed (Polar Express on tiny's
+    matrices: 625 ms a step against 21 ms in float32, docs/benchmarks.md), so there float32."""
+    if cfg.orthogonalize_dtype != "auto":
+        return getattr(torch, cfg.orthogonalize_dtype)
+    from speedrun.prepare import cpu_has_fast_bf16
+
+    device = next(p.device for group in groups for p in group["params"])
+    fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+    return torch.bfloat16 if fast else torch.float32
+
+
+def newton_schulz(G: Tensor, steps: int, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Approximately orthogonalise every matrix in G (shape (..., m, n)), in `dtype`.
 
     The quintic's coefficients push small singular values up fast rather than converging exactly,
     so the result is roughly U S' V^T with S' spread over about [0.5, 1.5], not U V^T; that is
     enough for Muon and needs only a handful of steps."""
     a, b, c = NS_COEFFICIENTS
-    X = G.bfloat16()
+    X = G.to(dtype)
     tall = G.size(-2) > G.size(-1)
     if tall:  # iterate on the smaller Gram matrix
         X = X.mT
@@ -45,15 +62,16 @@ def newton_schulz(G: Tensor, steps: int) -> Tensor:
     return X.mT if tall else X
 
 
-def polar_express(G: Tensor) -> Tensor:
-    """Orthogonalise every matrix in G (shape (..., m, n)) with the record's Polar Express, in bf16.
+def polar_express(G: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Orthogonalise every matrix in G (shape (..., m, n)) with the record's Polar Express, in
+    `dtype` (the record: bf16).
 
     X = bf16(G) / (‖G‖_F·1.02 + 1e-6), then per (a, b, c) of POLAR_EXPRESS_COEFFICIENTS: wide,
     A = XXᵀ and X ← aX + (bA + cA²)X; tall, A = XᵀX and X ← aX + X(bA + cA²). Each iteration's
     quintic is the best one for the interval the singular values are in by then, so five of them
     bring singular values from [1e-3, 1] to about 1 (see tests/test_normuon.py for the band)."""
     m, n = G.shape[-2:]
-    X = G.bfloat16().reshape(-1, m, n)  # one batch of matrices, so baddbmm serves every shape
+    X = G.to(dtype).reshape(-1, m, n)  # one batch of matrices, so baddbmm serves every shape
     # The Frobenius norm bounds the spectral norm; the 2% margin keeps bf16 rounding from pushing
     # the largest singular value past 1, where the quintics were not fitted.
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
@@ -66,21 +84,21 @@ def polar_express(G: Tensor) -> Tensor:
     return X.view(G.shape)
 
 
-# Every entry takes (G, ns_steps); Polar Express's iterations are fixed by its coefficients.
-ORTHOGONALIZERS: dict[str, Callable[[Tensor, int], Tensor]] = {
+# Every entry takes (G, ns_steps, dtype); Polar Express's iterations are fixed by its coefficients.
+ORTHOGONALIZERS: dict[str, Callable[[Tensor, int, torch.dtype], Tensor]] = {
     "newton_schulz": newton_schulz,
-    "polar_express": lambda G, ns_steps: polar_express(G),
+    "polar_express": lambda G, ns_steps, dtype: polar_express(G, dtype),
 }
 
 
 @functools.cache
-def _compiled(name: str) -> Callable[[Tensor, int], Tensor]:
+def _compiled(name: str) -> Callable[[Tensor, int, torch.dtype], Tensor]:
     # One static graph per matrix shape (a handful, all met in the warm-up): the record found the
     # dynamic-shape kernels that a second shape would otherwise switch to much slower.
     return torch.compile(ORTHOGONALIZERS[name], dynamic=False)
 
 
-def orthogonalize(G: Tensor, name: str, ns_steps: int) -> Tensor:
-    """ORTHOGONALIZERS[name](G, ns_steps), compiled on CUDA, where the iterations fuse into a few
-    kernels; on CPU compiling costs more than it saves."""
-    return (_compiled(name) if G.is_cuda else ORTHOGONALIZERS[name])(G, ns_steps)
+def orthogonalize(G: Tensor, name: str, ns_steps: int, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """ORTHOGONALIZERS[name](G, ns_steps, dtype), compiled on CUDA, where the iterations fuse into a
+    few kernels; on CPU compiling costs more than it saves."""
+    return (_compiled(name) if G.is_cuda else ORTHOGONALIZERS[name])(G, ns_steps, dtype)
