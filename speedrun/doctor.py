@@ -129,7 +129,11 @@ def check_dtype(ctx: Context) -> Iterator[Line]:
         yield FAIL, (f"dtype: activations {name}, but this GPU has no bfloat16 support "
                      "(set model.activation_dtype=float32)")
     else:
-        yield OK, f"dtype: activations {name} (model.activation_dtype = {ctx.cfg.model.activation_dtype})"
+        why = ""
+        if ctx.cfg.model.activation_dtype == "auto" and ctx.device.type == "cpu":
+            why = ": this CPU multiplies bf16 in hardware" if dtype == torch.bfloat16 else \
+                ": this CPU has neither AVX-512 BF16 nor AMX, so bf16 would be emulated"
+        yield OK, f"dtype: activations {name} (model.activation_dtype = {ctx.cfg.model.activation_dtype}{why})"
     mode, supported = ctx.cfg.model.fp8_head, fp8_supported(ctx.device)
     if mode == "on" and cuda and not supported:
         yield FAIL, ("head: model.fp8_head = on, but this GPU has no FP8 matmuls (needs compute capability ≥ 8.9); "
