@@ -35,12 +35,16 @@ def cpu_has_fast_bf16() -> bool:
     return any(probe() for probe in probes if probe is not None)
 
 
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """What "auto" means for activations and orthogonalisation: bf16 where its matmuls are fast (CUDA
+    and CPUs with fast bf16), else float32."""
+    fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+    return torch.bfloat16 if fast else torch.float32
+
+
 def activation_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
-    """ModelConfig.activation_dtype; "auto" is bf16 on CUDA and on CPUs with fast bf16, else float32."""
-    if cfg.activation_dtype == "auto":
-        fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
-        return torch.bfloat16 if fast else torch.float32
-    return getattr(torch, cfg.activation_dtype)
+    """ModelConfig.activation_dtype, "auto" resolved by auto_dtype."""
+    return auto_dtype(device) if cfg.activation_dtype == "auto" else getattr(torch, cfg.activation_dtype)
 
 
 def fp8_supported(device: torch.device) -> bool:

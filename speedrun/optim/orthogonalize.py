@@ -31,16 +31,14 @@ POLAR_EXPRESS_COEFFICIENTS = (
 
 def orthogonalize_dtype(cfg: OptimConfig, groups: list[dict]) -> torch.dtype:
     """optim.orthogonalize_dtype for the device of `groups`' parameters. "auto" is bf16, as the
-    records, on CUDA and on CPUs with fast bf16 (speedrun.prepare.cpu_has_fast_bf16); on other CPUs
-    torch emulates bf16 matmuls at a small fraction of float32's speed (Polar Express on tiny's
-    matrices: 625 ms a step against 21 ms in float32, docs/benchmarks.md), so there float32."""
+    records, on CUDA and on CPUs with fast bf16 (speedrun.prepare.auto_dtype); on other CPUs torch
+    emulates bf16 matmuls at a small fraction of float32's speed (Polar Express on tiny's matrices:
+    625 ms a step against 21 ms in float32, docs/benchmarks.md), so there float32."""
     if cfg.orthogonalize_dtype != "auto":
         return getattr(torch, cfg.orthogonalize_dtype)
-    from speedrun.prepare import cpu_has_fast_bf16
+    from speedrun.prepare import auto_dtype
 
-    device = next(p.device for group in groups for p in group["params"])
-    fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
-    return torch.bfloat16 if fast else torch.float32
+    return auto_dtype(next(p.device for group in groups for p in group["params"]))
 
 
 def newton_schulz(G: Tensor, steps: int, dtype: torch.dtype = torch.bfloat16) -> Tensor:
@@ -66,7 +64,7 @@ def polar_express(G: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """Orthogonalise every matrix in G (shape (..., m, n)) with the record's Polar Express, in
     `dtype` (the record: bf16).
 
-    X = bf16(G) / (‖G‖_F·1.02 + 1e-6), then per (a, b, c) of POLAR_EXPRESS_COEFFICIENTS: wide,
+    X = G / (‖G‖_F·1.02 + 1e-6) in `dtype`, then per (a, b, c) of POLAR_EXPRESS_COEFFICIENTS: wide,
     A = XXᵀ and X ← aX + (bA + cA²)X; tall, A = XᵀX and X ← aX + X(bA + cA²). Each iteration's
     quintic is the best one for the interval the singular values are in by then, so five of them
     bring singular values from [1e-3, 1] to about 1 (see tests/test_normuon.py for the band)."""
