@@ -516,6 +516,9 @@ def validate(cfg: Config) -> None:
     _validate_ranges(cfg)
     _validate_stages(cfg)
     _validate_optim(cfg.optim)
+    if cfg.optim.qk_blocks == "head_pair" and m.n_head % 2:
+        raise ConfigError(f"'optim.qk_blocks' = head_pair orthogonalises Q and K by pairs of heads and needs an even "
+                          f"model.n_head, got {m.n_head}")
     if m.value_embeds * 2 > m.n_layer:
         raise ConfigError(f"'model.value_embeds' ({m.value_embeds}) needs at least twice as many layers, got {m.n_layer}")
     if m.positional == "learned" and d.seq_len > m.max_seq_len:

@@ -237,3 +237,9 @@ def test_train_compile_is_true_false_or_auto(value, compile):
 def test_train_compile_refuses_anything_else(value, message):
     with pytest.raises(ConfigError, match=message):
         load_config("tiny", None, [f"train.compile={value}"])
+
+
+def test_head_pair_blocks_need_an_even_number_of_heads():
+    # refused while loading, not when NorMuon first splits the qkv weight after the model is built
+    with pytest.raises(ConfigError, match="'optim.qk_blocks' = head_pair .* even model.n_head, got 3"):
+        load_config("tiny", None, ["model.model_dim=192", "model.n_head=3"])
