@@ -10,8 +10,8 @@ from fractions import Fraction
 import pytest
 import torch
 
-from speedrun.attention import (NO_WINDOW, SHRINK, attend, build_masks, dense_mask, document_ids, flex_masks,
-                                use_flex, window_tokens)
+from speedrun.attention import (NO_WINDOW, SHRINK, BandedMask, attend, build_masks, dense_mask, document_ids,
+                                flex_masks, use_flex, window_rule_block, window_tokens)
 from speedrun.config import load_config
 from speedrun.data.tokenizer import EOT
 
@@ -109,6 +109,33 @@ def test_sdpa_equals_reference(layout, window, document_mask, granularity):
     for letter, shrink in SHRINK.items():
         expected = attention_reference(q, k, v, allowed_reference(idx, window, shrink, document_mask, granularity))
         torch.testing.assert_close(attend(q, k, v, masks[letter], SCALE), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("granularity", ["block", "token", "varlen"])
+@pytest.mark.parametrize("document_mask", [True, False])
+def test_short_windows_attend_by_chunks_as_the_dense_mask(granularity, document_mask):
+    """A window that reaches at most a quarter of the sequence back gets a BandedMask (chunks of
+    window_block queries against the keys they can reach); it gives the dense mask's outputs and
+    gradients. A longer window keeps the dense mask."""
+    cfg = load_config("tiny-2025").model
+    cfg.attention, cfg.document_mask, cfg.window_granularity = "sdpa", document_mask, granularity
+    idx = tokens("many")
+    docs = document_ids(idx) if document_mask else None
+    masks = build_masks(idx, 100, cfg)  # the block rule's one block reaches 128 back: a quarter of T
+    assert all(isinstance(m, BandedMask) for m in masks.values())
+    assert all(isinstance(m, torch.Tensor) for m in build_masks(idx, 384, cfg, short=384).values())
+    for letter, shrink in SHRINK.items():
+        dense = dense_mask(docs, 100, shrink, 2, T, "cpu", window_rule_block(cfg))
+        outputs, grads = [], []
+        for mask in (masks[letter], dense):
+            q, k, v = (x.requires_grad_() for x in qkv())
+            out = attend(q, k, v, mask, SCALE)
+            out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+            outputs.append(out.detach())
+            grads.append([x.grad for x in (q, k, v)])
+        torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def listed_blocks(mask, b: int, qb: int) -> tuple[list[int], list[int]]:
