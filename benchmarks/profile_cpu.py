@@ -1,9 +1,10 @@
 """Where a training step's time goes, per preset: torch.profiler over a few steps after warm-up,
-as a run executes them (compiled unless --no-compile), summed into the step's phases (compiled
+as a run executes them (compiled as the preset says, train.compile = "auto" by default: the loss
+tail on CPU; --compile the whole model, --no-compile nothing), summed into the step's phases (compiled
 forward, compiled backward, each optimizer's step, the rest) and its most expensive operators.
 Run it on a quiet machine; the figures in docs/benchmarks.md come from it.
 
-    python benchmarks/profile_cpu.py [--presets tiny baseline-tiny] [--steps 2] [--top 12] [--no-compile]
+    python benchmarks/profile_cpu.py [--presets tiny baseline-tiny] [--steps 2] [--top 12] [--compile | --no-compile]
 """
 
 import argparse
@@ -20,9 +21,11 @@ from speedrun.train import Trainer
 PHASES = {"forward": "CompiledFunction", "backward": "CompiledFunctionBackward"}
 
 
-def profile_preset(preset: str, steps: int, compile: bool):
+def profile_preset(preset: str, steps: int, compile: bool | str | None):
     cfg = load_config(preset)
-    cfg.train.device, cfg.train.compile = "cpu", compile
+    cfg.train.device = "cpu"
+    if compile is not None:
+        cfg.train.compile = compile
     trainer = Trainer(cfg, setup("cpu"), preset)
     trainer.warm_up(2)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -46,7 +49,9 @@ def main() -> int:
     parser.add_argument("--presets", nargs="+", default=["tiny", "baseline-tiny"])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=12)
-    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--compile", dest="compile", action="store_const", const=True,
+                        help="compile the whole model (default: the preset's train.compile, 'auto')")
+    parser.add_argument("--no-compile", dest="compile", action="store_const", const=False)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, compile={args.compile}")
     for preset in args.presets:
