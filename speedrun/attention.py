@@ -234,7 +234,7 @@ def _sdpa_mask(docs: Tensor | None, window: int | Tensor, shrink: int, batch: in
     if torch.compiler.is_compiling() or seq_len % chunk:  # a compiled model keeps one graph for every window
         return dense_mask(docs, window, shrink, batch, seq_len, device, block)
     reach = farthest_key(int(window), shrink, block)
-    if reach > BANDED_MAX_REACH * seq_len:
+    if reach - 1 > BANDED_MAX_REACH * seq_len:
         return dense_mask(docs, window, shrink, batch, seq_len, device, block)
     chunks = seq_len // chunk
     start = torch.arange(chunks, device=device)[:, None, None] * chunk

@@ -121,11 +121,11 @@ def test_short_windows_attend_by_chunks_as_the_dense_mask(granularity, document_
     cfg.attention, cfg.document_mask, cfg.window_granularity = "sdpa", document_mask, granularity
     idx = tokens("many")
     docs = document_ids(idx) if document_mask else None
-    masks = build_masks(idx, 100, cfg)  # the block rule's one block reaches 128 back: a quarter of T
+    masks = build_masks(idx, 128, cfg)  # reaches 128 positions back (varlen) or 127: a quarter of T
     assert all(isinstance(m, BandedMask) for m in masks.values())
-    assert all(isinstance(m, torch.Tensor) for m in build_masks(idx, 384, cfg, short=384).values())
+    assert all(isinstance(m, torch.Tensor) for m in build_masks(idx, 256, cfg, short=256).values())
     for letter, shrink in SHRINK.items():
-        dense = dense_mask(docs, 100, shrink, 2, T, "cpu", window_rule_block(cfg))
+        dense = dense_mask(docs, 128, shrink, 2, T, "cpu", window_rule_block(cfg))
         outputs, grads = [], []
         for mask in (masks[letter], dense):
             q, k, v = (x.requires_grad_() for x in qkv())
