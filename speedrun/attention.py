@@ -223,7 +223,7 @@ class BandedMask:
 
 # A banded mask where a query sees at most this fraction of the sequence back. Measured on a 2-core
 # CPU (bf16, T = 1,024, 2 heads of 64, chunks of 128, forward and backward, docs/benchmarks.md):
-# 1.9x faster than the dense mask at a 128-token window, 1.4x at 256, even at 384, slower at 512.
+# 1.9x faster than the dense mask at a 128-token window, 1.4x at 256, 1.1x at 384, slower at 512.
 BANDED_MAX_REACH = 1 / 4
 
 
