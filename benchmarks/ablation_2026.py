@@ -1,6 +1,7 @@
 """Ablation of the 2026 record's optimizer, schedule and data pieces on CPU: `tiny-2025` (the 2025 recipe)
-and then each piece added on top of the one before, ending at `tiny`'s optimizer, stages and data, all on the built-in
-corpus with the same seed; prints `speedrun compare` and writes val loss against train time.
+and then each piece added on top of the one before, ending at `tiny`'s optimizer, stages and data as they were before
+its sizing (docs/benchmarks.md, "Sizing tiny": smaller batches over more steps), all on the built-in corpus with the
+same seed; prints `speedrun compare` and writes val loss against train time.
 
     python benchmarks/ablation_2026.py [--out runs/ablation-2026] [--only N ...] [extra `speedrun train` args]
 """

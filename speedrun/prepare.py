@@ -123,8 +123,8 @@ def compile_scope(cfg: Config, device: torch.device) -> str | None:
     Measured for tiny on 2 cores (docs/benchmarks.md): compiling the whole model costs about 80 s
     cold and 15 s warm and makes its steps about 15% faster than with the loss tail alone compiled,
     which costs about 12 s cold and makes eager steps 25-35% faster (the (T, 50,304) logits' softcap
-    and softmax are most of a small model's elementwise work): over the default 70-step run a
-    whole-model compile does not pay for itself, even from a warm cache."""
+    and softmax are most of a small model's elementwise work): over the default run's two minutes of
+    training a whole-model compile does not pay for itself from a cold cache."""
     if cfg.train.compile == "auto":
         return "model" if device.type == "cuda" else "loss"
     return "model" if cfg.train.compile else None

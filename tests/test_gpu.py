@@ -152,7 +152,7 @@ def test_no_host_sync_in_a_compiled_train_step(tmp_path):
 @pytest.mark.gpu
 def test_no_recompiles_as_the_window_grows(tmp_path):
     """Train steps at the first step of every window value of the run (128, 256, 384 and 512
-    tokens for tiny's 70 steps), and a validation at the last, compile nothing new once step 0
+    tokens over tiny's stages), and a validation at the last, compile nothing new once step 0
     has been trained and validated: the window reaches the compiled graph as a device tensor."""
     trainer = make_trainer(tmp_path)
     first = first_step_of_each_window(trainer.cfg)

@@ -142,16 +142,22 @@ PART_2_KEYS = {"optim": {"lr_embed", "role_lr", "role_weight_decay", "role_adam_
                "stages": {"mtp_weights_start", "mtp_weights_end", "prefix_weight_start", "prefix_weight_end", "head_tied"}}
 
 
+# what the sizing of tiny (docs/benchmarks.md, "Sizing tiny") changed after the ablation: its batches and length
+SIZING_KEYS = {"optim": {"muon_momentum_warmup_steps", "muon_momentum_cooldown_steps"},
+               "stages": {"ends", "batch_tokens"}, "data": {"batch_tokens"}, "train": {"steps", "val_every"}}
+
+
 def test_the_ablation_ends_at_tiny():
     """benchmarks/ablation_2026.py adds the first part's pieces one at a time to tiny-2025; all of them
-    are tiny's optimizer, stages, data and training, apart from the second part's keys."""
+    are tiny's optimizer, stages, data and training, apart from the second part's keys and the
+    sizing's."""
     spec = importlib.util.spec_from_file_location("ablation", Path(__file__).parents[1] / "benchmarks" / "ablation_2026.py")
     ablation = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ablation)
     built = to_dict(load_config("tiny-2025", overrides=ablation.cumulative_overrides(len(ablation.PIECES) - 1)))
     preset = to_dict(load_config("tiny"))
     for section in ("optim", "stages", "data", "train"):
-        keep = set(preset[section]) - PART_2_KEYS.get(section, set())
+        keep = set(preset[section]) - PART_2_KEYS.get(section, set()) - SIZING_KEYS.get(section, set())
         assert {k: built[section][k] for k in keep} == {k: preset[section][k] for k in keep}, section
 
 
@@ -170,15 +176,15 @@ def test_warm_up_steps_cover_every_batch_shape_still_to_come():
                                                 ("mtp_weights_start", "mtp_weights_end", "prefix_weight_start",
                                                  "prefix_weight_end"))])
     trainer = Trainer(cfg, setup("cpu"), "test")
-    assert trainer.warm_up_steps(2) == [0, 1, 23, 24, 46, 47]
-    trainer.step = 30  # resumed in stage 2: its own graph from here, then stage 3's
-    assert trainer.warm_up_steps(2) == [30, 31, 46, 47]
+    assert trainer.warm_up_steps(2) == [0, 1, 60, 61, 120, 121]
+    trainer.step = 80  # resumed in stage 2: its own graph from here, then stage 3's
+    assert trainer.warm_up_steps(2) == [80, 81, 120, 121]
     trainer.step = 10
-    assert trainer.warm_up_steps(3) == [10, 11, 12, 23, 24, 25, 46, 47, 48]
-    trainer.step = 50  # in stage 3: nothing new after
-    assert trainer.warm_up_steps(2) == [50, 51]
-    trainer.step = 69  # the last step: nothing past the run
-    assert trainer.warm_up_steps(2) == [69]
+    assert trainer.warm_up_steps(3) == [10, 11, 12, 60, 61, 62, 120, 121, 122]
+    trainer.step = 130  # in stage 3: nothing new after
+    assert trainer.warm_up_steps(2) == [130, 131]
+    trainer.step = 179  # the last step: nothing past the run
+    assert trainer.warm_up_steps(2) == [179]
 
 
 def test_loss_weights_and_the_tied_head_follow_the_record_by_stage():
