@@ -48,7 +48,7 @@ class ModelConfig:
     bias: bool = True
     logit_softcap: float = 0.0  # 0 disables; logits = cap * sigmoid(logits / softcap_temperature)
     softcap_temperature: float = 7.5
-    attention: str = "sdpa"  # sdpa (dense masks) | flex (FlexAttention block masks)
+    attention: str = "sdpa"  # sdpa (dense masks; short windows by query chunks) | flex (FlexAttention block masks)
     document_mask: bool = False  # documents split at BOS attend only within themselves
     sliding_window: bool = False
     window_min: int = 128  # tokens, at step 0

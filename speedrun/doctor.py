@@ -158,7 +158,7 @@ def check_attention(ctx: Context) -> Iterator[Line]:
         why = ("model.attention = sdpa" if m.attention == "sdpa" else
                f"FlexAttention has no backward on {ctx.device.type}" if ctx.device.type in ("cpu", "mps") else
                f"data.seq_len {ctx.cfg.data.seq_len} is not whole {m.window_block}-token blocks")
-        yield INFO, f"attention: SDPA with dense masks ({why})"
+        yield INFO, f"attention: SDPA with dense masks, short windows by chunks of queries ({why})"
     docs = "document masks" if m.document_mask else "no document masks"
     if not m.sliding_window:
         yield INFO, f"attention: causal, {docs}, no sliding window"
