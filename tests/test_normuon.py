@@ -419,3 +419,26 @@ def test_sharded_normuon_equals_single_process_and_resumes_at_any_world_size(tmp
         assert all(torch.equal(got.detach(), w) for got, w in zip(resumed, want))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_bucket_steps_together_as_each_parameter_alone():
+    """One process updates a bucket's parameters as one batch per matrix shape; each ends bit for
+    bit where a NorMuon of its own takes it, the MLP's input and (transposed) output projection,
+    which share a bucket with different lr multipliers, included."""
+    shapes = [((96, 24), None), ((96, 24), None), ((24, 96), ("mlp_out",)), ((3, 32, 24), ("qkv", 8)),
+              ((3, 32, 24), ("qkv", 8)), ((16, 16), None)]
+    make = lambda: [_tagged(_randn(shape, i).requires_grad_(), layout) for i, (shape, layout) in enumerate(shapes)]
+    settings = dict(lr=0.05, momentum=0.9, weight_decay=1.2, qk_blocks="head_pair", lr_mul_mlp_out=2.0)
+    together, alone = make(), make()
+    opt = NorMuon(together, **settings)
+    opts = [NorMuon([p], **settings) for p in alone]
+    assert len({opt.bucket_key(p) for p in together}) == 3
+    for step in range(3):
+        for params in (together, alone):
+            for i, p in enumerate(params):
+                p.grad = _randn(p.shape, 100 * step + i)
+        opt.step()
+        for o in opts:
+            o.step()
+    for a, b in zip(together, alone):
+        assert torch.equal(a.detach(), b.detach())

@@ -108,6 +108,11 @@ def _decay_and_step(w: Tensor, update: Tensor, lr: float, lr_eff: float, wd: flo
     w.add_(update, alpha=-lr_eff)
 
 
+def _stacked(batches: list[Tensor]) -> Tensor:
+    """(batch, m, n) tensors as one batch: the tensor itself if there is one, else a copy."""
+    return batches[0] if len(batches) == 1 else torch.cat(batches)
+
+
 def _master(p: Tensor, low_bits: Tensor | None) -> Tensor:
     """p's fp32 value: p itself, or a bf16 p's bits above the low 16 bits kept in the state."""
     if low_bits is None:
@@ -208,19 +213,32 @@ class NorMuon(ShardedOptimizer):
                 state["low_bits"] = torch.zeros(p.shape, dtype=torch.uint16, device=p.device)
         return state
 
-    def _update(self, p: Tensor, group: dict) -> None:
-        """One NorMuon step of p, in place."""
-        state = self._state(p)
-        buf, grad = state["momentum_buffer"], p.grad.float()
-        buf.lerp_(grad, 1 - group["momentum"])
-        g = grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-        low_bits = state.get("low_bits")
-        master = _master(p, low_bits)
-        for mats, V in zip(self.matrices(p), state["second_moments"]):
-            O = orthogonalize(mats.select(g), self.orthogonalizer, group["ns_steps"], self.orthogonalize_dtype)
-            _decay_and_step(mats.select(master), _normalised(O, V, group["beta2"]), group["lr"],
-                            group["lr"] * mats.lr_mul, group["weight_decay"], self.cautious)
-        _store(p, master, low_bits)
+    def _update(self, params: list[Tensor], group: dict) -> None:
+        """One NorMuon step of `params`, in place: one parameter, or a bucket's (their matrices have
+        the same shapes), whose same-shape matrices are orthogonalised and normalised as one batch."""
+        states = [self._state(p) for p in params]
+        gs, masters = [], []
+        for p, state in zip(params, states):
+            buf, grad = state["momentum_buffer"], p.grad.float()
+            buf.lerp_(grad, 1 - group["momentum"])
+            gs.append(grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
+            masters.append(_master(p, state.get("low_bits")))
+        layouts = [self.matrices(p) for p in params]
+        for i in range(len(layouts[0])):
+            mats = [layout[i] for layout in layouts]
+            selected = [m.select(g) for m, g in zip(mats, gs)]
+            O = orthogonalize(_stacked(selected), self.orthogonalizer, group["ns_steps"], self.orthogonalize_dtype)
+            moments = [state["second_moments"][i] for state in states]
+            V = _stacked(moments)
+            updates = _normalised(O, V, group["beta2"]).split([x.size(0) for x in selected])
+            if len(moments) > 1:  # V was a copy
+                for moment, part in zip(moments, V.split([x.size(0) for x in selected])):
+                    moment.copy_(part)
+            for m, master, update in zip(mats, masters, updates):
+                _decay_and_step(m.select(master), update, group["lr"], group["lr"] * m.lr_mul, group["weight_decay"],
+                                self.cautious)
+        for p, master, state in zip(params, masters, states):
+            _store(p, master, state.get("low_bits"))
 
     reduces_gradients = True
 
@@ -228,7 +246,18 @@ class NorMuon(ShardedOptimizer):
     def step(self, closure=None):
         if self.world_size > 1:
             self._reduce_scatter_gradients()
-        return super().step(closure)
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # One process owns every parameter: a bucket's are updated together, since per matrix the
+        # orthogonaliser is dozens of small kernels (docs/benchmarks.md)
+        for group, bucket in self._buckets():
+            params = [p for p in bucket if p.grad is not None]
+            if params:
+                self._update(params, group)
+        return loss
 
     def _reduce_scatter_gradients(self) -> None:
         """Replace the grad of every parameter this rank owns by its mean over the ranks; the other
@@ -252,7 +281,7 @@ class NorMuon(ShardedOptimizer):
 
     def local(self, p: Tensor, group: dict) -> Tensor:
         """Update p, its owner; its new value is what the other ranks receive."""
-        self._update(p, group)
+        self._update([p], group)
         return p.detach()
 
     def placeholder(self, p: Tensor) -> Tensor:

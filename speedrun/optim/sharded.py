@@ -56,15 +56,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """Apply the chunk's contributions (contributions[r] from the owner of chunk[r])."""
         raise NotImplementedError
 
-    def _chunks(self):
-        """Yield (group, chunk): up to world_size parameters of one bucket, chunk[r] owned by rank r."""
+    def _buckets(self):
+        """Yield (group, bucket): a group's parameters of one bucket_key, in order."""
         for group in self.param_groups:
             buckets: dict[tuple, list[Tensor]] = {}
             for p in group["params"]:
                 buckets.setdefault(self.bucket_key(p), []).append(p)
             for bucket in buckets.values():
-                for i in range(0, len(bucket), self.world_size):
-                    yield group, bucket[i:i + self.world_size]
+                yield group, bucket
+
+    def _chunks(self):
+        """Yield (group, chunk): up to world_size parameters of one bucket, chunk[r] owned by rank r."""
+        for group, bucket in self._buckets():
+            for i in range(0, len(bucket), self.world_size):
+                yield group, bucket[i:i + self.world_size]
 
     def owns(self, p: Tensor) -> bool:
         """Whether this rank keeps p's state and computes its update."""
