@@ -48,26 +48,16 @@ VARIANTS = {
 }
 
 
-def variant_config(args: list[str]):
-    from speedrun.config import load_config, scale_steps
-
-    overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
-    cfg = load_config("tiny", None, overrides)
-    if "--steps" in args:
-        scale_steps(cfg, int(args[args.index("--steps") + 1]))
-        cfg.train.steps = int(args[args.index("--steps") + 1])
-    cfg.train.device = "cpu"
-    return cfg
-
-
 def time_variants(names: list[str], rounds: int) -> None:
     """Median seconds per step of each stage, side by side, and the run's train time they add up to."""
+    from speedrun.ablate import run_config
     from speedrun.distributed import setup
     from speedrun.stages import stage_of
     from speedrun.train import Trainer
 
     runtime = setup("cpu")
-    trainers = {name: Trainer(variant_config(VARIANTS[name]), runtime, name) for name in names}
+    trainers = {name: Trainer(run_config(["--preset", "tiny", "--device", "cpu", *VARIANTS[name]]), runtime, name)
+                for name in names}
     for trainer in trainers.values():
         trainer.warm_up(1)
     times: dict[tuple[str, int], list[float]] = {}

@@ -231,10 +231,9 @@ def _sdpa_mask(docs: Tensor | None, window: int | Tensor, shrink: int, batch: in
                block: int | str | None, chunk: int) -> Tensor | BandedMask:
     """The dense (B or 1, 1, T, T) mask, or where the window is short and the sequence whole chunks,
     a BandedMask: attention over a short window then computes only the scores it can keep."""
-    if torch.compiler.is_compiling() or seq_len % chunk:  # a compiled model keeps one graph for every window
-        return dense_mask(docs, window, shrink, batch, seq_len, device, block)
-    reach = farthest_key(int(window), shrink, block)
-    if reach - 1 > BANDED_MAX_REACH * seq_len:
+    # a compiled model keeps the dense mask: one graph for every window
+    reach = None if torch.compiler.is_compiling() or seq_len % chunk else farthest_key(int(window), shrink, block)
+    if reach is None or reach - 1 > BANDED_MAX_REACH * seq_len:
         return dense_mask(docs, window, shrink, batch, seq_len, device, block)
     chunks = seq_len // chunk
     start = torch.arange(chunks, device=device)[:, None, None] * chunk

@@ -227,12 +227,13 @@ class NorMuon(ShardedOptimizer):
         for i in range(len(layouts[0])):
             mats = [layout[i] for layout in layouts]
             selected = [m.select(g) for m, g in zip(mats, gs)]
+            sizes = [x.size(0) for x in selected]
             O = orthogonalize(_stacked(selected), self.orthogonalizer, group["ns_steps"], self.orthogonalize_dtype)
             moments = [state["second_moments"][i] for state in states]
             V = _stacked(moments)
-            updates = _normalised(O, V, group["beta2"]).split([x.size(0) for x in selected])
+            updates = _normalised(O, V, group["beta2"]).split(sizes)
             if len(moments) > 1:  # V was a copy
-                for moment, part in zip(moments, V.split([x.size(0) for x in selected])):
+                for moment, part in zip(moments, V.split(sizes)):
                     moment.copy_(part)
             for m, master, update in zip(mats, masters, updates):
                 _decay_and_step(m.select(master), update, group["lr"], group["lr"] * m.lr_mul, group["weight_decay"],
