@@ -5,6 +5,7 @@ forward, compiled backward, each optimizer's step, the rest) and its most expens
 Run it on a quiet machine; the figures in docs/benchmarks.md come from it.
 
     python benchmarks/profile_cpu.py [--presets tiny baseline-tiny] [--steps 2] [--top 12] [--compile | --no-compile]
+                                     [--set key=value]...   (applied to every preset listed)
 """
 
 import argparse
@@ -21,8 +22,8 @@ from speedrun.train import Trainer
 PHASES = {"forward": "CompiledFunction", "backward": "CompiledFunctionBackward"}
 
 
-def profile_preset(preset: str, steps: int, compile: bool | str | None):
-    cfg = load_config(preset)
+def profile_preset(preset: str, steps: int, compile: bool | str | None, overrides: list[str]):
+    cfg = load_config(preset, overrides=overrides)
     cfg.train.device = "cpu"
     if compile is not None:
         cfg.train.compile = compile
@@ -52,10 +53,12 @@ def main() -> int:
     parser.add_argument("--compile", dest="compile", action="store_const", const=True,
                         help="compile the whole model (default: the preset's train.compile, 'auto')")
     parser.add_argument("--no-compile", dest="compile", action="store_const", const=False)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override, as train's --set, for every preset listed")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, compile={args.compile}")
     for preset in args.presets:
-        events, tokens = profile_preset(preset, args.steps, args.compile)
+        events, tokens = profile_preset(preset, args.steps, args.compile, args.overrides)
         summary = phases(events, args.steps)
         print(f"\n{preset}: {summary['step']:.0f} ms/step, {1e3 * summary['step'] / tokens:.3f} ms per 1k tokens")
         for name, ms in summary.items():

@@ -7,6 +7,13 @@ changes this file only. Besides the next-token loss it has the 2026 record's two
 position (record-2026.md §3 L1, L2): the tokens k positions further on (multi-token prediction)
 and the prefix token of the next token.
 
+Trained on CPU with the loss tail compiled (`chunk_rows`, set by speedrun.prepare), the plain
+next-token loss runs by row chunks: one matmul gives the bf16 logits, then a compiled kernel takes
+`chunk_rows` rows at a time, small enough to stay in cache, through softcap, log-softmax and the
+loss's gradient with respect to the logits, so that backward is only the two matmuls of the head.
+Compiled whole, the tail writes the float32 softcapped logits out and reads them back, and its
+backward reads the logits again: on 2 cores the chunks take about 0.8x its time (docs/benchmarks.md).
+
 Normalisation, as the record sums its per-position losses: position t's loss is
   sum_k w_k·CE(z_t, targets[t + k]) over the k whose target is inside the sequence
   + w_p·CE(z_t, prefix_targets[t]) if prefix_targets[t] >= 0,
@@ -16,6 +23,7 @@ next-token term this is the usual mean cross-entropy."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +32,10 @@ from torch import Tensor, nn
 
 from speedrun.config import ModelConfig
 from speedrun.fp8 import fp8_linear
+
+# rows per chunk of the CPU loss tail (module docstring): a chunk's float32 softmax over 50,257
+# columns, 6.4 MB, stays in cache; on 2 cores 16, 32 and 64 rows were within noise of each other
+LOSS_CHUNK_ROWS = 32
 
 
 class LMHead(nn.Module):
@@ -34,6 +46,9 @@ class LMHead(nn.Module):
         # [x, w, grad] scales while training with the FP8 head; None: the head runs in the activations'
         # dtype. Set by speedrun.prepare, which knows the device.
         self.fp8_scales: list[float] | None = None
+        # > 0: a plain next-token loss in training runs by chunks of this many rows (module docstring);
+        # set by speedrun.prepare
+        self.chunk_rows = 0
 
     def logits(self, x: Tensor, weight: Tensor) -> Tensor:
         """(..., dim) -> (..., vocab_size) float32 logits, softcapped, padding columns dropped."""
@@ -60,7 +75,22 @@ class LMHead(nn.Module):
         next token); a 1-D tensor of weights lets them change every step without a recompile.
         `prefix_targets` (B, T) is the prefix token of each target (-1: none), weighed by
         `prefix_weight` (a float or a one-element tensor)."""
-        logits = self.logits(x, tied_weight if self.weight is None else self.weight)
+        weight = tied_weight if self.weight is None else self.weight
+        if targets is not None and self.chunk_rows and self.training and self.fp8_scales is None \
+                and prefix_targets is None and _next_token_only(future_weights):
+            return future_weights[0] * _ChunkedCrossEntropy.apply(x, weight, targets, self)
+        return self.tail(x, weight, targets, future_weights, prefix_targets, prefix_weight)
+
+    def compile_tail(self, chunk_rows: int = 0) -> None:
+        """Compile the loss tail (torch.compile, static shapes). With `chunk_rows`, a plain next-token
+        loss in training runs by chunks of that many rows instead (the module docstring)."""
+        self.chunk_rows = chunk_rows
+        self.tail = torch.compile(self.tail, dynamic=False)
+
+    def tail(self, x: Tensor, weight: Tensor, targets: Tensor | None, future_weights: Sequence[float] | Tensor,
+             prefix_targets: Tensor | None, prefix_weight: float | Tensor | None) -> Tensor:
+        """forward, as autograd differentiates it: the logits, then the loss of the targets given."""
+        logits = self.logits(x, weight)
         if targets is None:
             return logits
         if (prefix_targets is None) != (prefix_weight is None):
@@ -101,3 +131,60 @@ def _prefix_loss_sum(logits: Tensor, lse: Tensor, prefix_targets: Tensor) -> Ten
     """sum over the positions with a prefix target (>= 0) of CE(logits[:, t], prefix_targets[:, t])."""
     losses = _cross_entropies(logits, lse, prefix_targets.clamp(min=0))
     return torch.where(prefix_targets >= 0, losses, 0.0).sum()
+
+
+def _next_token_only(future_weights: Sequence[float] | Tensor) -> bool:
+    return not isinstance(future_weights, Tensor) and bool(future_weights[0]) and not any(future_weights[1:])
+
+
+def _softcapped_loss_and_grad_(logits: Tensor, targets: Tensor, cap: float, temperature: float, shift: float,
+                               scale: float) -> Tensor:
+    """Rows of head outputs (rows, vocab) and their targets -> the sum of the rows' cross-entropies
+    after LMHead's softcap; `logits` is overwritten with scale · d(that sum)/d(logits)."""
+    z = logits.float()
+    if cap > 0:
+        squashed = torch.sigmoid((z + shift) / temperature)
+        z = cap * squashed
+    lse = z.logsumexp(-1, keepdim=True)
+    losses = lse.squeeze(-1) - z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    onehot = torch.arange(z.size(-1), device=z.device) == targets.unsqueeze(-1)
+    grad = (z - lse).exp() - onehot.float()
+    if cap > 0:
+        grad = grad * (squashed * (1 - squashed)) * (cap / temperature)
+    logits.copy_(grad * scale)
+    return losses.sum()
+
+
+@functools.cache
+def _compiled_loss_and_grad_():
+    # compiled on first use, not at import: importing torch._dynamo fixes inductor's cache directory,
+    # which the CLI sets first (speedrun.prepare.use_persistent_compile_cache)
+    return torch.compile(_softcapped_loss_and_grad_, dynamic=False)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of x Wᵀ (softcapped) against targets, its gradient computed in forward by
+    row chunks; W's padding rows get a zero gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, targets: Tensor, head: LMHead) -> Tensor:
+        cfg, rows = head.cfg, x.reshape(-1, x.size(-1))
+        w = weight[:cfg.vocab_size].to(x.dtype)
+        grad_logits = rows @ w.t()  # the logits, each chunk replaced by its gradient as it is done
+        flat_targets, total = targets.reshape(-1), grad_logits.new_zeros((), dtype=torch.float32)
+        for start in range(0, rows.size(0), head.chunk_rows):
+            chunk = slice(start, start + head.chunk_rows)
+            total += _compiled_loss_and_grad_()(grad_logits[chunk], flat_targets[chunk], cfg.logit_softcap,
+                                              cfg.softcap_temperature, cfg.softcap_shift, 1 / rows.size(0))
+        ctx.save_for_backward(rows, w, grad_logits)
+        ctx.x_shape, ctx.weight_shape, ctx.weight_dtype = x.shape, weight.shape, weight.dtype
+        return total / rows.size(0)
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        rows, w, grad_logits = ctx.saved_tensors
+        grad_x = (grad_logits @ w).mul_(grad_loss.to(w.dtype)).view(ctx.x_shape)
+        grad_w = grad_loss.new_empty(ctx.weight_shape, dtype=ctx.weight_dtype)
+        torch.mul(grad_logits.t() @ rows, grad_loss, out=grad_w[:w.size(0)])
+        grad_w[w.size(0):] = 0
+        return grad_x, grad_w, None, None

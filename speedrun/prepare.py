@@ -16,6 +16,7 @@ from torch import nn
 
 from speedrun.config import Config, ModelConfig
 from speedrun.data.corpus import cache_root
+from speedrun.loss import LOSS_CHUNK_ROWS
 from speedrun.mlp import MLP
 from speedrun.model import GPT
 from speedrun.prefix import gpt2_prefix_table
@@ -118,13 +119,15 @@ def avoid_inductor_mix_order_reduction() -> None:
 
 
 def compile_scope(cfg: Config, device: torch.device) -> str | None:
-    """What training compiles: "model", "loss" (the LMHead: head matmul, softcap and cross-entropy)
-    or None (eager). train.compile = "auto" compiles the model on CUDA and only the loss tail on CPU.
-    Measured for tiny on 2 cores (docs/benchmarks.md): compiling the whole model costs about 80 s
-    cold and 15 s warm and makes its steps about 15% faster than with the loss tail alone compiled,
-    which costs about 12 s cold and makes eager steps 25-35% faster (the (T, 50,304) logits' softcap
-    and softmax are most of a small model's elementwise work): over the default run's two minutes of
-    training a whole-model compile does not pay for itself from a cold cache."""
+    """What training compiles: "model", "loss" (the LMHead: head matmul, softcap and cross-entropy,
+    by row chunks for a plain next-token loss; and, as whenever a run compiles, the Adam update) or
+    None (eager). train.compile = "auto" compiles the model on CUDA and only the loss tail on CPU.
+    Measured for tiny on 2 cores (docs/benchmarks.md, before the row chunks): compiling the whole
+    model costs about 80 s cold and 15 s warm and made its steps about 15% faster than with the loss
+    tail alone compiled, which cost about 12 s cold and made eager steps 25-35% faster (the
+    (T, 50,304) logits' softcap and softmax are most of a small model's elementwise work): over the
+    default run's two minutes of training a whole-model compile does not pay for itself from a cold
+    cache."""
     if cfg.train.compile == "auto":
         return "model" if device.type == "cuda" else "loss"
     return "model" if cfg.train.compile else None
@@ -170,5 +173,5 @@ def prepare(model: GPT, cfg: Config, device: torch.device, mode: str, sequences_
     if scope == "model":
         return torch.compile(model, dynamic=False)
     if scope == "loss":
-        model.lm_head.compile(dynamic=False)
+        model.lm_head.compile_tail(chunk_rows=LOSS_CHUNK_ROWS)
     return model

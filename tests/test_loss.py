@@ -51,6 +51,55 @@ def test_the_default_loss_is_the_next_token_cross_entropy():
     assert torch.equal(h(x, None, targets), F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1)))
 
 
+def loss_and_grads(h, x, weight, targets, **terms):
+    x = x.detach().clone().requires_grad_()
+    loss = h(x, weight, targets, **terms)
+    loss.backward()
+    w = h.weight if weight is None else weight
+    return loss.detach(), x.grad, w.grad
+
+
+@pytest.mark.parametrize("changes", [{}, dict(logit_softcap=0.0), dict(logit_softcap=23.0, softcap_shift=5.0),
+                                     dict(tied_head=True, zero_init_head=False)], ids=["softcap", "no-softcap",
+                                                                                      "shifted", "tied"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_chunked_loss_matches_the_autograd_one(changes, dtype):
+    """CPU training's loss by row chunks (chunk_rows, 5 rows: 48 positions leave a partial chunk)
+    gives the loss and the gradients of x and the weight that autograd gives through the plain
+    tail, the padding rows' weight gradient zero; the loss's weight reaches both."""
+    x, targets = data()
+    x = x.to(dtype)
+    results = []
+    for chunk_rows in (0, 5):
+        h = head(**changes)
+        h.chunk_rows = chunk_rows
+        weight = torch.randn(384, DIM, generator=torch.Generator().manual_seed(1)).requires_grad_() \
+            if h.weight is None else None
+        results.append(loss_and_grads(h, x, weight, targets, future_weights=(0.5,)))
+    (loss, grad_x, grad_w), (chunked_loss, chunked_x, chunked_w) = results
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=0.02, atol=2e-4)
+    torch.testing.assert_close(chunked_loss, loss, rtol=1e-5, atol=1e-5)
+    assert chunked_x.dtype == dtype and chunked_w.dtype == torch.float32
+    torch.testing.assert_close(chunked_x, grad_x, **tol)
+    torch.testing.assert_close(chunked_w, grad_w, **tol)
+    assert not chunked_w[VOCAB:].any()
+
+
+def test_the_chunked_loss_is_only_for_a_plain_next_token_loss_in_training():
+    """Evaluation and multi-token terms take the plain tail, which keeps the logits: those calls
+    never reach the chunked function, whose result needs no logits."""
+    def chunked(loss) -> bool:  # the loss's last two autograd nodes: the loss weight's product, and below it
+        nodes = [loss.grad_fn, *(fn for fn, _ in loss.grad_fn.next_functions)]
+        return any("ChunkedCrossEntropy" in type(fn).__name__ for fn in nodes)
+
+    h, (x, targets) = head(), data()
+    h.chunk_rows = 5
+    assert chunked(h(x, None, targets))
+    assert not chunked(h(x, None, targets, future_weights=(1.0, 0.5)))
+    h.eval()
+    assert not chunked(h(x, None, targets))
+
+
 def test_future_weights_sum_the_losses_against_later_tokens():
     """Multi-token prediction's form, as the record's loss kernel: each position's loss is
     sum_k w_k * CE(logits[t], targets[t + k]) over the k whose target is in the sequence, and the
