@@ -466,7 +466,7 @@ def check_compile(ctx: Context) -> Iterator[Line]:
     if not writable:
         yield FAIL, f"compile: the inductor cache {cache} is not writable"
         return
-    what = "the loss tail only (train.compile = auto on CPU)" if scope == "loss" else "the model"
+    what = "the loss tail and the Adam update only (train.compile = auto on CPU)" if scope == "loss" else "the model"
     yield OK, (f"compile: on, {what} (torch.compile; {ctx.cfg.train.warmup_steps_untimed} untimed warm-up steps); "
                f"inductor cache {cache} ({source})")
 

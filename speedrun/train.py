@@ -118,7 +118,8 @@ def check_run_data(cfg: Config) -> None:
 
 AUTO_COMPILE_ON_CPU = ("compile: auto compiles only the loss tail on CPU, where a whole-model compile costs more "
                        "time than it saves in a short run (docs/benchmarks.md); --compile compiles the whole model")
-COMPILE_PATHS = {"model": "torch.compile (dynamic=False)", "loss": "torch.compile (dynamic=False) of the loss tail",
+COMPILE_PATHS = {"model": "torch.compile (dynamic=False)",
+                 "loss": "torch.compile of the loss tail (by row chunks) and of the Adam update",
                  None: "eager"}
 
 
@@ -230,7 +231,9 @@ class Trainer:
         # The FP8 gradient scale is fixed for the run, as in the record, at the first stage's batch.
         self.forward = prepare(self.model, cfg, self.device, "train", self.accum * cfg.data.micro_batch_seqs)
         broadcast_parameters(self.model)
-        self.optimizers = build_optimizers(self.model.param_groups(), cfg.optim, fused=self.device.type == "cuda")
+        # fused: torch's fused AdamW, RecordAdam's compiled update; on CUDA, and wherever a run compiles
+        fused = self.device.type == "cuda" or compile_scope(cfg, self.device) is not None
+        self.optimizers = build_optimizers(self.model.param_groups(), cfg.optim, fused=fused)
         # NorMuon reduce-scatters its own gradients; the averager all-reduces the rest
         own = {p for opt in self.optimizers if getattr(opt, "reduces_gradients", False)
                for group in opt.param_groups for p in group["params"]}

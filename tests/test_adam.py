@@ -65,11 +65,15 @@ def _reference(params, steps, betas, eps, wd, every, cautious):
     return p
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("every,mode", [(2, "cautious"), (3, "decoupled"), (1, "cautious")])
-def test_matches_the_record_formulas(every, mode):
+def test_matches_the_record_formulas(every, mode, compiled, monkeypatch):
+    """Eager, and compiled as a compiled run's trainer builds it (one graph for the three shapes, the
+    pending sum folded into the update), here for parameters of any size."""
+    monkeypatch.setattr(adam, "COMPILE_MIN_NUMEL", 0)
     params = _params()
     opt = RecordAdam(params, betas=(0.5, 0.95), eps=1e-10, weight_decay=0.75, update_every=every,
-                     weight_decay_mode=mode)
+                     weight_decay_mode=mode, compiled=compiled)
     _run(opt, params, range(6))
     expected = _reference(_params(), range(6), (0.5, 0.95), 1e-10, 0.75, every, mode == "cautious")
     for p, e in zip(params, expected):
@@ -191,8 +195,9 @@ def test_parameters_without_grads():
 def test_build_picks_adamw_for_the_defaults(overrides, expected):
     cfg = load_config("tiny-2025", overrides=overrides).optim
     roles = {"embed": [torch.nn.Parameter(torch.zeros(8, 4))], "scalar": [torch.nn.Parameter(torch.zeros(3))]}
-    opt = adam.build([g for g in param_groups(roles, cfg) if g["kind"] == "adam"], cfg)
+    opt = adam.build([g for g in param_groups(roles, cfg) if g["kind"] == "adam"], cfg, fused=True)
     assert type(opt) is expected
+    assert (opt.defaults["fused"] if expected is torch.optim.AdamW else opt.compiled) is True
     if expected is RecordAdam:
         assert opt.update_every == cfg.adam_update_every
         assert opt.cautious == (cfg.weight_decay_mode == "cautious")

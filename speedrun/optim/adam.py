@@ -7,6 +7,7 @@ in two ways, each a setting, and builds `RecordAdam` instead.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -16,9 +17,12 @@ from speedrun.config import OptimConfig
 
 
 def _adam_update(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, beta1: float, beta2: float,
-                 eps: float, step_size: float, decay: float, cautious: bool) -> None:
-    """One Adam update of `p` from an fp32 gradient, with fp32 moments. `decay` is lr²·wd when
-    `cautious`, else lr·wd."""
+                 eps: float, step_size: Tensor, decay: Tensor, cautious: bool, pending: Tensor | None = None) -> None:
+    """One Adam update of `p` from an fp32 gradient (plus `pending`, the window's earlier gradients,
+    where there are some), with fp32 moments. `decay` is lr²·wd when `cautious`, else lr·wd. The step
+    size and decay are 0-d tensors, so that a compiled update does not recompile as the lr changes."""
+    if pending is not None:
+        grad = pending + grad
     exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     # eps is added to sqrt(v) itself, not to the bias-corrected sqrt(v) as in torch.optim.AdamW:
@@ -26,7 +30,7 @@ def _adam_update(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, b
     update = exp_avg.div(exp_avg_sq.sqrt().add_(eps)).mul_(step_size)
     if cautious:
         # Decay only the weights the update is already pulling towards zero (sign of u and p agree).
-        update.addcmul_(p.float(), (update * p) > 0, value=decay)
+        update.add_(torch.where(update * p > 0, p.float(), 0.0) * decay)
     else:
         p.mul_(1 - decay)
     p.sub_(update)
@@ -56,7 +60,8 @@ class RecordAdam(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-10,
-                 weight_decay: float = 0.0, *, update_every: int = 1, weight_decay_mode: str = "decoupled"):
+                 weight_decay: float = 0.0, *, update_every: int = 1, weight_decay_mode: str = "decoupled",
+                 compiled: bool = False):
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
         if weight_decay_mode not in ("decoupled", "cautious"):
@@ -64,6 +69,9 @@ class RecordAdam(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.update_every = update_every
         self.cautious = weight_decay_mode == "cautious"
+        # compiled: each parameter's update is one fused kernel instead of about ten passes over it
+        self.compiled = compiled
+        self._scalar_tensors: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def load_state_dict(self, state_dict: dict) -> None:
         # torch casts floating state to its parameter's dtype; the moments and pending sum of a bf16
@@ -84,14 +92,15 @@ class RecordAdam(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
-                grad = self._window_grad(p)
-                if grad is not None:
-                    self._update(p, grad, group)
+                grads = self._window_grads(p)
+                if grads is not None:
+                    self._update(p, *grads, group)
         return loss
 
-    def _window_grad(self, p: Tensor) -> Tensor | None:
-        """Count this step for `p`; return the fp32 sum of its window's gradients if it updates now
-        (None if it does not, or had no gradient in the window), else keep p.grad in that sum."""
+    def _window_grads(self, p: Tensor) -> tuple[Tensor, Tensor | None] | None:
+        """Count this step for `p`; if it updates now, return its window's gradients as (this step's,
+        the fp32 sum of the earlier ones or None), else None (also when it had no gradient in the
+        window) and keep p.grad in that sum."""
         state = self.state[p]
         if not state:
             state.update(steps=0, updates=0, exp_avg=torch.zeros_like(p, dtype=torch.float32),
@@ -101,8 +110,8 @@ class RecordAdam(torch.optim.Optimizer):
         if state["steps"] % self.update_every == 0:
             state.pop("grad_sum", None)
             if p.grad is None:
-                return pending
-            return p.grad.float() if pending is None else pending.add_(p.grad)
+                return None if pending is None else (pending, None)
+            return p.grad.float(), pending
         if p.grad is not None:
             # A copy: the caller may zero p.grad in place before the next step.
             if pending is None:
@@ -111,23 +120,47 @@ class RecordAdam(torch.optim.Optimizer):
                 pending.add_(p.grad)
         return None
 
-    def _update(self, p: Tensor, grad: Tensor, group: dict) -> None:
+    def _update(self, p: Tensor, grad: Tensor, pending: Tensor | None, group: dict) -> None:
         state = self.state[p]
         state["updates"] += 1
         k, lr, wd = state["updates"], group["lr"], group["weight_decay"]
         beta1, beta2 = group["betas"]
         step_size = lr * math.sqrt(1 - beta2 ** k) / (1 - beta1 ** k)
-        # Eager on every device: torch.compile specialises on the float step size and decay (they
-        # reach in-place ops as Python scalars), so every new lr would recompile.
-        _adam_update(p, grad, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, group["eps"], step_size,
-                     lr * lr * wd if self.cautious else lr * wd, self.cautious)
+        decay = lr * lr * wd if self.cautious else lr * wd
+        step_size_t, decay_t = self._scalars(p.device)
+        # flat: a compiled update then has one graph for every shape, and Dynamo's static shapes for
+        # parameters do not apply to the plain tensor p.detach() is
+        compiled = self.compiled and p.numel() >= COMPILE_MIN_NUMEL
+        update = _compiled_adam_update() if compiled else _adam_update
+        update(p.detach().view(-1), grad.reshape(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1),
+               beta1, beta2, group["eps"], step_size_t.fill_(step_size), decay_t.fill_(decay), self.cautious,
+               None if pending is None else pending.reshape(-1))
+
+    def _scalars(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Two fp32 0-d tensors on `device` for the step size and decay, refilled at every update: a
+        fill_ on a GPU is queued as any kernel, where a new tensor from a Python float would wait
+        for the device."""
+        if device not in self._scalar_tensors:
+            self._scalar_tensors[device] = (torch.zeros((), device=device), torch.zeros((), device=device))
+        return self._scalar_tensors[device]
+
+
+# a smaller parameter (a gate, a scalar) updates eagerly: its update is a few microseconds either way,
+# and its sizes (1 among them, which Dynamo specialises) would only add graphs
+COMPILE_MIN_NUMEL = 65536
+
+
+@functools.cache
+def _compiled_adam_update():
+    # One graph for every parameter shape (dynamic): the shapes are many, and the update is pointwise
+    return torch.compile(_adam_update, dynamic=True)
 
 
 def build(groups: list[dict], cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
     """The optimizer of the adam groups: torch.optim.AdamW (each group with its own lr and weight
-    decay; `fused` picks the single-kernel CUDA implementation) for the default settings, else
-    RecordAdam (never fused: one parameter at a time, eager)."""
+    decay) for the default settings, else RecordAdam (one parameter at a time). `fused` picks
+    AdamW's single-kernel implementation and RecordAdam's compiled update."""
     if cfg.weight_decay_mode == "decoupled" and cfg.adam_update_every == 1:
         return torch.optim.AdamW(groups, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, fused=fused)
     return RecordAdam(groups, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, update_every=cfg.adam_update_every,
-                      weight_decay_mode=cfg.weight_decay_mode)
+                      weight_decay_mode=cfg.weight_decay_mode, compiled=fused)
