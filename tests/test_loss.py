@@ -60,8 +60,8 @@ def loss_and_grads(h, x, weight, targets, **terms):
 
 
 @pytest.mark.parametrize("changes", [{}, dict(logit_softcap=0.0), dict(logit_softcap=23.0, softcap_shift=5.0),
-                                     dict(tied_head=True, zero_init_head=False)], ids=["softcap", "no-softcap",
-                                                                                      "shifted", "tied"])
+                                     dict(logit_softcap=80.0), dict(tied_head=True, zero_init_head=False)],
+                         ids=["softcap", "no-softcap", "shifted", "cap-above-bounded", "tied"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_chunked_loss_matches_the_autograd_one(changes, dtype):
     """CPU training's loss by row chunks (chunk_rows, 5 rows: 48 positions leave a partial chunk)
