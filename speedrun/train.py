@@ -116,8 +116,9 @@ def check_run_data(cfg: Config) -> None:
         shards.read_shard(f, vocab_size=cfg.model.vocab_size)
 
 
-AUTO_COMPILE_ON_CPU = ("compile: auto compiles only the loss tail on CPU, where a whole-model compile costs more "
-                       "time than it saves in a short run (docs/benchmarks.md); --compile compiles the whole model")
+AUTO_COMPILE_ON_CPU = ("compile: auto compiles only the loss tail and the Adam update on CPU, where a whole-model "
+                       "compile costs more time than it saves in a short run (docs/benchmarks.md); --compile compiles "
+                       "the whole model")
 COMPILE_PATHS = {"model": "torch.compile (dynamic=False)",
                  "loss": "torch.compile of the loss tail (by row chunks) and of the Adam update",
                  None: "eager"}

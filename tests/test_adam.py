@@ -68,7 +68,7 @@ def _reference(params, steps, betas, eps, wd, every, cautious):
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("every,mode", [(2, "cautious"), (3, "decoupled"), (1, "cautious")])
 def test_matches_the_record_formulas(every, mode, compiled, monkeypatch):
-    """Eager, and compiled as a compiled run's trainer builds it (one graph for the three shapes, the
+    """Eager, and compiled as a compiled run's trainer builds it (a static graph per size, the
     pending sum folded into the update), here for parameters of any size."""
     monkeypatch.setattr(adam, "COMPILE_MIN_NUMEL", 0)
     params = _params()

@@ -128,8 +128,7 @@ class RecordAdam(torch.optim.Optimizer):
         step_size = lr * math.sqrt(1 - beta2 ** k) / (1 - beta1 ** k)
         decay = lr * lr * wd if self.cautious else lr * wd
         step_size_t, decay_t = self._scalars(p.device)
-        # flat: a compiled update then has one graph for every shape, and Dynamo's static shapes for
-        # parameters do not apply to the plain tensor p.detach() is
+        # flat, so that parameters of one size share a compiled graph whatever their shape
         compiled = self.compiled and p.numel() >= COMPILE_MIN_NUMEL
         update = _compiled_adam_update() if compiled else _adam_update
         update(p.detach().view(-1), grad.reshape(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1),
@@ -145,15 +144,17 @@ class RecordAdam(torch.optim.Optimizer):
         return self._scalar_tensors[device]
 
 
-# a smaller parameter (a gate, a scalar) updates eagerly: its update is a few microseconds either way,
-# and its sizes (1 among them, which Dynamo specialises) would only add graphs
+# a smaller parameter (a gate, a scalar) updates eagerly: its update takes microseconds either way,
+# and each of its sizes would add a graph
 COMPILE_MIN_NUMEL = 65536
 
 
 @functools.cache
 def _compiled_adam_update():
-    # One graph for every parameter shape (dynamic): the shapes are many, and the update is pointwise
-    return torch.compile(_adam_update, dynamic=True)
+    # One static graph per size (a handful of tables and heads): compiled with dynamic shapes, the
+    # graph a cold cache compiled and the same graph loaded from the cache rounded differently, so a
+    # run's losses depended on the state of the cache
+    return torch.compile(_adam_update, dynamic=False)
 
 
 def build(groups: list[dict], cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
