@@ -5,7 +5,7 @@ forward, compiled backward, each optimizer's step, the rest) and its most expens
 Run it on a quiet machine; the figures in docs/benchmarks.md come from it.
 
     python benchmarks/profile_cpu.py [--presets tiny baseline-tiny] [--steps 2] [--top 12] [--compile | --no-compile]
-                                     [--set key=value]...   (applied to every preset listed)
+                                     [--start STEP] [--set key=value]...   (applied to every preset listed)
 """
 
 import argparse
@@ -22,17 +22,21 @@ from speedrun.train import Trainer
 PHASES = {"forward": "CompiledFunction", "backward": "CompiledFunctionBackward"}
 
 
-def profile_preset(preset: str, steps: int, compile: bool | str | None, overrides: list[str]):
+def profile_preset(preset: str, steps: int, compile: bool | str | None, overrides: list[str], start: int):
+    """Steps start+2 .. start+steps+1 profiled, after the warm-up and two steps from `start` (a later
+    stage's shapes and windows) that are not."""
     cfg = load_config(preset, overrides=overrides)
     cfg.train.device = "cpu"
     if compile is not None:
         cfg.train.compile = compile
     trainer = Trainer(cfg, setup("cpu"), preset)
     trainer.warm_up(2)
+    for step in range(start, start + 2):
+        trainer.train_step(step)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for step in range(steps):
+        for step in range(start + 2, start + 2 + steps):
             trainer.train_step(step)
-    return prof.key_averages(), step_plan(0, cfg).batch_tokens  # the steps profiled are the first stage's
+    return prof.key_averages(), step_plan(start + 2, cfg).batch_tokens
 
 
 def phases(events, steps: int) -> dict[str, float]:
@@ -53,16 +57,18 @@ def main() -> int:
     parser.add_argument("--compile", dest="compile", action="store_const", const=True,
                         help="compile the whole model (default: the preset's train.compile, 'auto')")
     parser.add_argument("--no-compile", dest="compile", action="store_const", const=False)
+    parser.add_argument("--start", type=int, default=0,
+                        help="profile from step START+2, in that step's stage (default: the first steps)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override, as train's --set, for every preset listed")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, compile={args.compile}")
     for preset in args.presets:
-        events, tokens = profile_preset(preset, args.steps, args.compile, args.overrides)
+        events, tokens = profile_preset(preset, args.steps, args.compile, args.overrides, args.start)
         summary = phases(events, args.steps)
         print(f"\n{preset}: {summary['step']:.0f} ms/step, {1e3 * summary['step'] / tokens:.3f} ms per 1k tokens")
         for name, ms in summary.items():
-            if name != "step":
+            if name != "step" and ms > 0:  # phases of what this run compiles, its optimizers
                 print(f"  {name:<12} {ms:8.0f} ms  {100 * ms / summary['step']:5.1f}%")
         print(f"  top operators by own time (ms/step):")
         for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.top]:
