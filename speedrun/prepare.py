@@ -122,12 +122,12 @@ def compile_scope(cfg: Config, device: torch.device) -> str | None:
     """What training compiles: "model", "loss" (the LMHead: head matmul, softcap and cross-entropy,
     by row chunks for a plain next-token loss; and, as whenever a run compiles, the Adam update) or
     None (eager). train.compile = "auto" compiles the model on CUDA and only the loss tail on CPU.
-    Measured for tiny on 2 cores (docs/benchmarks.md, before the row chunks): compiling the whole
-    model costs about 80 s cold and 15 s warm and made its steps about 15% faster than with the loss
-    tail alone compiled, which cost about 12 s cold and made eager steps 25-35% faster (the
-    (T, 50,304) logits' softcap and softmax are most of a small model's elementwise work): over the
-    default run's two minutes of training a whole-model compile does not pay for itself from a cold
-    cache."""
+    Measured for tiny on 2 cores (docs/benchmarks.md): compiling the whole model costs about 80 s
+    cold and 15 s warm; before the row chunks it made steps about 15% faster than with the loss tail
+    alone compiled (which made eager steps 25-35% faster: the (T, 50,304) logits' softcap and softmax
+    are most of a small model's elementwise work), since them 3% (365 against 377 ms a step, its
+    attention on the dense mask): over the default run's 90 s of training a whole-model compile
+    does not pay for itself, from a cold cache or a warm one."""
     if cfg.train.compile == "auto":
         return "model" if device.type == "cuda" else "loss"
     return "model" if cfg.train.compile else None
