@@ -90,7 +90,8 @@ class LMHead(nn.Module):
 
     def tail(self, x: Tensor, weight: Tensor, targets: Tensor | None, future_weights: Sequence[float] | Tensor,
              prefix_targets: Tensor | None, prefix_weight: float | Tensor | None) -> Tensor:
-        """forward, as autograd differentiates it: the logits, then the loss of the targets given."""
+        """forward's general path (its arguments resolved): the logits, and with targets the loss
+        through autograd; compile_tail compiles this method."""
         logits = self.logits(x, weight)
         if targets is None:
             return logits
