@@ -200,7 +200,7 @@ class StageConfig:
 
 # the --compile flag's help, one text for every command that has the flag
 COMPILE_HELP = ("torch.compile the whole model; --no-compile: eager (default: train.compile = auto, the model on "
-                "CUDA and the loss tail on CPU)")
+                "CUDA and the loss tail and Adam update on CPU)")
 
 
 @dataclass

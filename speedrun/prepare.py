@@ -121,7 +121,7 @@ def avoid_inductor_mix_order_reduction() -> None:
 def compile_scope(cfg: Config, device: torch.device) -> str | None:
     """What training compiles: "model", "loss" (the LMHead: head matmul, softcap and cross-entropy,
     by row chunks for a plain next-token loss; and, as whenever a run compiles, the Adam update) or
-    None (eager). train.compile = "auto" compiles the model on CUDA and only the loss tail on CPU.
+    None (eager). train.compile = "auto" compiles the model on CUDA and only the "loss" scope on CPU.
     Measured for tiny on 2 cores (docs/benchmarks.md): compiling the whole model costs about 80 s
     cold and 15 s warm; before the row chunks it made steps about 15% faster than with the loss tail
     alone compiled (which made eager steps 25-35% faster: the (T, 50,304) logits' softcap and softmax
