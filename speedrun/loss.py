@@ -60,11 +60,7 @@ class LMHead(nn.Module):
         logits = logits.float()
         cap = self.cfg.logit_softcap
         if cap > 0:
-            # cap * sigmoid(z / T) = cap/2 * (tanh(z / 2T) + 1): a tanh softcap shifted to (0, cap);
-            # softcap_shift (the 2026 record: 5) moves the logit that maps to cap/2 from 0 to -shift
-            if self.cfg.softcap_shift:
-                logits = logits + self.cfg.softcap_shift
-            logits = cap * torch.sigmoid(logits / self.cfg.softcap_temperature)
+            logits = _softcap(logits, cap, self.cfg.softcap_temperature, self.cfg.softcap_shift)[0]
         # drop the padding rows' columns so they take no probability mass
         return logits[..., :self.cfg.vocab_size]
 
@@ -139,14 +135,21 @@ def _next_token_only(future_weights: Sequence[float] | Tensor) -> bool:
     return not isinstance(future_weights, Tensor) and bool(future_weights[0]) and not any(future_weights[1:])
 
 
+def _softcap(z: Tensor, cap: float, temperature: float, shift: float) -> tuple[Tensor, Tensor]:
+    """(cap·σ((z + shift) / temperature), the σ itself, which the softcap's derivative needs).
+    cap·σ(z / T) = cap/2·(tanh(z / 2T) + 1): a tanh softcap shifted to (0, cap); softcap_shift (the
+    2026 record: 5) moves the logit that maps to cap/2 from 0 to -shift."""
+    squashed = torch.sigmoid((z + shift if shift else z) / temperature)
+    return cap * squashed, squashed
+
+
 def _softcapped_loss_and_grad_(logits: Tensor, targets: Tensor, cap: float, temperature: float, shift: float,
                                scale: float) -> Tensor:
     """Rows of head outputs (rows, vocab) and their targets -> the sum of the rows' cross-entropies
     after LMHead's softcap; `logits` is overwritten with scale · d(that sum)/d(logits)."""
     z = logits.float()
     if cap > 0:
-        squashed = torch.sigmoid((z + shift) / temperature)
-        z = cap * squashed
+        z, squashed = _softcap(z, cap, temperature, shift)
     # softcapped logits lie in (0, cap): below BOUNDED_CAP their exponentials cannot overflow a float32
     # sum, and the pass for the row's max that logsumexp makes is saved
     lse = z.exp().sum(-1, keepdim=True).log() if 0 < cap <= BOUNDED_CAP else z.logsumexp(-1, keepdim=True)
@@ -176,10 +179,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         w = weight[:cfg.vocab_size].to(x.dtype)
         grad_logits = rows @ w.t()  # the logits, each chunk replaced by its gradient as it is done
         flat_targets, total = targets.reshape(-1), grad_logits.new_zeros((), dtype=torch.float32)
+        loss_and_grad_ = _compiled_loss_and_grad_()
         for start in range(0, rows.size(0), head.chunk_rows):
             chunk = slice(start, start + head.chunk_rows)
-            total += _compiled_loss_and_grad_()(grad_logits[chunk], flat_targets[chunk], cfg.logit_softcap,
-                                              cfg.softcap_temperature, cfg.softcap_shift, 1 / rows.size(0))
+            total += loss_and_grad_(grad_logits[chunk], flat_targets[chunk], cfg.logit_softcap,
+                                    cfg.softcap_temperature, cfg.softcap_shift, 1 / rows.size(0))
         ctx.save_for_backward(rows, w, grad_logits)
         ctx.x_shape, ctx.weight_shape, ctx.weight_dtype = x.shape, weight.shape, weight.dtype
         return total / rows.size(0)
