@@ -447,6 +447,7 @@ def _enough_tokens(ctx: Context, train_tokens: int, val_tokens: int) -> Iterator
 
 def check_compile(ctx: Context) -> Iterator[Line]:
     from speedrun.prepare import compile_scope, use_persistent_compile_cache, user_compile_cache
+    from speedrun.train import COMPILED_REGIONS
 
     scope = compile_scope(ctx.cfg, ctx.device) if ctx.device is not None else "model"
     if scope is None:
@@ -466,7 +467,7 @@ def check_compile(ctx: Context) -> Iterator[Line]:
     if not writable:
         yield FAIL, f"compile: the inductor cache {cache} is not writable"
         return
-    what = "the loss tail and the Adam update only (train.compile = auto on CPU)" if scope == "loss" else "the model"
+    what = f"{COMPILED_REGIONS} only (train.compile = auto on CPU)" if scope == "regions" else "the model"
     yield OK, (f"compile: on, {what} (torch.compile; {ctx.cfg.train.warmup_steps_untimed} untimed warm-up steps); "
                f"inductor cache {cache} ({source})")
 

@@ -17,6 +17,7 @@ and attention then runs in it; only rotary's rotation and the logits are compute
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -38,6 +39,23 @@ from speedrun.rotary import (apply_rotary, base_frequencies, from_pair_rows, pai
 
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
+
+
+def position_qk(qk: Tensor, tables: tuple[Tensor, Tensor] | None, qk_norm: bool, paired: bool, pairs: str) -> Tensor:
+    """q and k side by side, (B, T, 2H, D), QK-normed (qk_norm) and rotated (tables: a paired-head
+    layer's or the plain ones); one call for both, which a compiled run makes one kernel."""
+    if qk_norm:
+        qk = rms_norm(qk)
+    if tables is None:
+        return qk
+    return rotate_paired(qk, tables, pairs) if paired else apply_rotary(qk, *tables, pairs)
+
+
+@functools.cache
+def _compiled_position_qk():
+    # Eager, the norm and rotation are about 25 small passes over q and k, forward and backward: 3.4
+    # against 1.3 ms a layer compiled on 2 cores, for about 3 s of cold compile (docs/benchmarks.md)
+    return torch.compile(position_qk, dynamic=False)
 
 
 class RMSNorm(nn.Module):
@@ -127,6 +145,8 @@ class Attention(nn.Module):
         self.xsa = layer in cfg.xsa_layers
         self.out_gate = layer in cfg.attn_gate_layers
         self.composable = layer in cfg.composable_layers
+        # set by speedrun.prepare where a run compiles by regions (CPU): q and k's norm and rotation compiled
+        self.compiled = False
 
     def _values(self, v: Tensor, x: Tensor, ve: Tensor | None, extras: LayerExtras | None) -> Tensor:
         if self.v_mix is not None:
@@ -148,15 +168,11 @@ class Attention(nn.Module):
         H, D = self.cfg.n_head, self.cfg.head_dim
         bias = None if self.qkv_bias is None else self.qkv_bias.type_as(x)
         w = self.qkv.flatten(0, 1).type_as(x)
-        qkv = F.linear(x, w if self.lambdas is None else self.lambdas[0].type_as(x) * w, bias)
-        q, k, v = qkv.view(B, T, 3 * H, D).chunk(3, dim=-2)
-        if self.cfg.qk_norm:
-            q, k = rms_norm(q), rms_norm(k)
-        if rotary is not None:
-            if self.paired:
-                q, k = rotate_paired(q, rotary["paired"], self.pairs), rotate_paired(k, rotary["paired"], self.pairs)
-            else:
-                q, k = apply_rotary(q, *rotary["plain"], self.pairs), apply_rotary(k, *rotary["plain"], self.pairs)
+        qkv = F.linear(x, w if self.lambdas is None else self.lambdas[0].type_as(x) * w, bias).view(B, T, 3 * H, D)
+        tables = None if rotary is None else rotary["paired" if self.paired else "plain"]
+        position = _compiled_position_qk() if self.compiled else position_qk
+        q, k = position(qkv[:, :, :2 * H], tables, self.cfg.qk_norm, self.paired, self.pairs).chunk(2, dim=-2)
+        v = qkv[:, :, 2 * H:]
         if self.key_offset:
             k = key_offset(k)
         v = self._values(v, x, ve, extras)

@@ -18,7 +18,7 @@ from speedrun.config import Config, ModelConfig
 from speedrun.data.corpus import cache_root
 from speedrun.loss import LOSS_CHUNK_ROWS
 from speedrun.mlp import MLP
-from speedrun.model import GPT
+from speedrun.model import GPT, Attention
 from speedrun.prefix import gpt2_prefix_table
 
 # train: training mode, compiled as train.compile says (compile_scope), FP8 head where enabled.
@@ -119,17 +119,16 @@ def avoid_inductor_mix_order_reduction() -> None:
 
 
 def compile_scope(cfg: Config, device: torch.device) -> str | None:
-    """What training compiles: "model", "loss" (the LMHead: head matmul, softcap and cross-entropy,
-    by row chunks for a plain next-token loss; and, as whenever a run compiles, the Adam update) or
-    None (eager). train.compile = "auto" compiles the model on CUDA and only the "loss" scope on CPU.
-    Measured for tiny on 2 cores (docs/benchmarks.md): compiling the whole model costs about 80 s
-    cold and 15 s warm; before the row chunks it made steps about 15% faster than with the loss tail
-    alone compiled (which made eager steps 25-35% faster: the (T, 50,304) logits' softcap and softmax
-    are most of a small model's elementwise work), since them 3% (365 against 377 ms a step, its
-    attention on the dense mask): over the default run's 90 s of training a whole-model compile
-    does not pay for itself, from a cold cache or a warm one."""
+    """What training compiles: "model", "regions" or None (eager). "regions" is a few small graphs,
+    each one compiled once and shared by every layer: the loss tail (LMHead: head matmul, softcap and
+    cross-entropy, by row chunks for a plain next-token loss), q and k's norm and rotation, the relu²
+    MLP's backward and, as whenever a run compiles, the Adam update. train.compile = "auto" compiles
+    the model on CUDA and the regions on CPU. Measured for tiny on 2 cores (docs/benchmarks.md): each
+    region costs a second or a few of cold compile and saves more over the default run; the whole
+    model costs about 80 s cold and 15 s warm for about 10% more per step, which a run of a few
+    minutes does not win back, from a cold cache or a warm one."""
     if cfg.train.compile == "auto":
-        return "model" if device.type == "cuda" else "loss"
+        return "model" if device.type == "cuda" else "regions"
     return "model" if cfg.train.compile else None
 
 
@@ -159,19 +158,21 @@ def prepare(model: GPT, cfg: Config, device: torch.device, mode: str, sequences_
     fp8 = training and uses_fp8_head(m, device)
     model.lm_head.fp8_scales = [*m.fp8_scales[:2], m.fp8_scales[2] * sequences_per_loss] if fp8 else None
     fp8_mlp = training and (m.fp8_mlp == "on" or (m.fp8_mlp == "auto" and fp8_supported(device)))
+    scope = compile_scope(cfg, device) if training else "model" if mode == "eval" and device.type == "cuda" else None
     for module in model.modules():
         if isinstance(module, MLP):
             module.fp8 = fp8_mlp
+        if isinstance(module, (MLP, Attention)):
+            module.compiled = scope == "regions"
     if training and cfg.stages.prefix_weight_start:
         model.prefix_table = gpt2_prefix_table(model.padded_vocab).to(device)
     model.train(training)
-    scope = compile_scope(cfg, device) if training else "model" if mode == "eval" and device.type == "cuda" else None
     if scope is not None:
         use_persistent_compile_cache()
         if device.type == "cuda":
             avoid_inductor_mix_order_reduction()
     if scope == "model":
         return torch.compile(model, dynamic=False)
-    if scope == "loss":
+    if scope == "regions":
         model.lm_head.compile_tail(chunk_rows=LOSS_CHUNK_ROWS)
     return model

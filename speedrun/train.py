@@ -116,11 +116,11 @@ def check_run_data(cfg: Config) -> None:
         shards.read_shard(f, vocab_size=cfg.model.vocab_size)
 
 
-AUTO_COMPILE_ON_CPU = ("compile: auto compiles only the loss tail and the Adam update on CPU, where a whole-model "
-                       "compile costs more time than it saves in a short run (docs/benchmarks.md); --compile compiles "
-                       "the whole model")
+COMPILED_REGIONS = "the loss tail (by row chunks), q and k's norm and rotation, the relu² MLP's backward and the Adam update"
+AUTO_COMPILE_ON_CPU = (f"compile: auto compiles only {COMPILED_REGIONS} on CPU, where a whole-model compile costs more "
+                       "time than it saves in a short run (docs/benchmarks.md); --compile compiles the whole model")
 COMPILE_PATHS = {"model": "torch.compile (dynamic=False)",
-                 "loss": "torch.compile of the loss tail (by row chunks) and of the Adam update",
+                 "regions": f"torch.compile of {COMPILED_REGIONS}",
                  None: "eager"}
 
 
@@ -553,7 +553,7 @@ def _open_log(trainer: Trainer, run_dir: Path, options: RunOptions, resumed: lis
             f"parameters: {sum(p.numel() for p in trainer.model.parameters()):,}  grad_accum: {trainer.accum}  "
             f"tokens/step: {step_plan(0, cfg).batch_tokens:,}" + ("  (at step 0; see `speedrun schedule`)" if cfg.stages.ends else ""),
             "path: " + "  ".join(f"{k}: {v}" for k, v in path.items() if k not in ("torch", "cuda", "device", "world_size")),
-            *([AUTO_COMPILE_ON_CPU] if cfg.train.compile == "auto" and compile_scope(cfg, rt.device) == "loss" else []),
+            *([AUTO_COMPILE_ON_CPU] if cfg.train.compile == "auto" and compile_scope(cfg, rt.device) == "regions" else []),
             *resumed,
         ])
     return log

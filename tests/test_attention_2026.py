@@ -10,12 +10,14 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from speedrun import attention
 from speedrun.attention import (NO_WINDOW, VARLEN, attend, build_masks, composable_attention, document_ids,
                                 farthest_key, flex_masks, key_offset, mask_rule, window_rule_block, xsa)
 from speedrun.config import ModelConfig
 from speedrun.data.tokenizer import EOT
+from speedrun.model import position_qk
 from speedrun.rotary import (apply_rotary, base_frequencies, from_pair_rows, paired_tables, rotary_tables,
                              rotary_tables_from, rotate_paired, to_pair_rows, yarn_scale, yarn_state, yarn_update)
 
@@ -150,6 +152,26 @@ def test_paired_rotation_puts_head_h_at_2t_plus_h_mod_2(pairs):
     positions = torch.tensor([[2 * (past + t) + h % 2 for h in range(6)] for t in range(5)])
     torch.testing.assert_close(rotate_paired(x, (cos, sin), pairs).double(), complex_rotation(x, positions, freq, pairs),
                                atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("paired", [False, True])
+@pytest.mark.parametrize("pairs", ["adjacent", "halves"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q_and_k_normed_and_rotated_side_by_side_as_each_alone(paired, pairs, dtype):
+    """Attention norms and rotates q and k as one (B, T, 2H, D) tensor (model.position_qk), one call
+    that a compiled run fuses: bit for bit what each gets alone. Compiled (the CPU regions), the
+    float32 rotation is no longer rounded between the norm and the rotation: within a rounding."""
+    H, T = 4, 6
+    q, k = randn(2, T, H, 16, seed=1, dtype=dtype), randn(2, T, H, 16, seed=2, dtype=dtype)
+    tables = paired_tables(frequencies(16), 0, T) if paired else rotary_tables_from(frequencies(16), T)
+    rotate = (lambda x: rotate_paired(x, tables, pairs)) if paired else (lambda x: apply_rotary(x, *tables, pairs))
+    alone = [rotate(F.rms_norm(x, (16,))) for x in (q, k)]
+    qk = torch.cat([q, k], dim=2)
+    assert torch.equal(position_qk(qk, tables, True, paired, pairs), torch.cat(alone, dim=2))
+    assert torch.equal(position_qk(qk, None, True, paired, pairs), F.rms_norm(qk, (16,)))
+    compiled = torch.compile(position_qk, dynamic=False)(qk, tables, True, paired, pairs)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(compiled, torch.cat(alone, dim=2), atol=4 * eps, rtol=2 * eps)
 
 
 # ---------------------------------------------------------------- YaRN

@@ -114,6 +114,21 @@ def test_recompute_gradients_equal_autograd(bias, dtype, bound):
         assert relative_error(actual, reference.double()) < bound
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recompute_with_its_backward_compiled_gives_the_eager_gradients(dtype):
+    """MLP.compiled (set by speedrun.prepare for CPU training) compiles M1's elementwise backward into
+    one pass: the same fp32 sqrt and products, rounded once to the activations' dtype as eagerly."""
+    mlp = filled(MLP(config(mlp_recompute=True)))
+    x = inputs(dtype=dtype)
+    x[0, :4] = 0  # rows whose h is all zeros: sqrt(0) must give exactly 0 in both
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    eager = gradients(mlp, x, mlp, grad_out)
+    mlp.compiled = True
+    compiled = gradients(mlp, x, mlp, grad_out)
+    for actual, expected in zip(compiled, eager):
+        assert torch.equal(actual, expected)
+
+
 def saved_shapes(forward, x) -> list[tuple[int, ...]]:
     shapes = []
 

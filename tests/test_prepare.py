@@ -89,3 +89,23 @@ def test_mix_order_reduction_is_off_unless_the_user_chose(monkeypatch, user_sett
     with inductor_config.patch({"triton.mix_order_reduction": True}):
         prepare.avoid_inductor_mix_order_reduction()
         assert inductor_config.triton.mix_order_reduction is (user_setting is not None)
+
+
+@pytest.mark.parametrize("compile,mode,expected", [("auto", "train", True), (False, "train", False),
+                                                   ("auto", "eval", False), (True, "train", False)])
+def test_cpu_training_under_auto_compiles_the_regions(compile, mode, expected):
+    """train.compile = auto on CPU compiles the regions (prepare.compile_scope): the loss tail by row
+    chunks, and each Attention's q/k norm and rotation and each MLP's relu² backward; --no-compile,
+    evaluation and a whole-model compile (which traces the plain code) leave them eager."""
+    import torch
+
+    from speedrun.config import load_config
+    from speedrun.mlp import MLP
+    from speedrun.model import GPT, Attention
+
+    cfg = load_config("tiny", None, [f"train.compile={str(compile).lower()}"])
+    model = GPT(cfg.model)
+    prepare.prepare(model, cfg, torch.device("cpu"), mode)
+    regions = [m.compiled for m in model.modules() if isinstance(m, (Attention, MLP))]
+    assert len(regions) == 2 * cfg.model.n_layer and set(regions) == {expected}
+    assert (model.lm_head.chunk_rows > 0) == expected
