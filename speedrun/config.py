@@ -200,7 +200,7 @@ class StageConfig:
 
 # the --compile flag's help, one text for every command that has the flag
 COMPILE_HELP = ("torch.compile the whole model; --no-compile: eager (default: train.compile = auto, the model on "
-                "CUDA and the loss tail and Adam update on CPU)")
+                "CUDA and on CPU a few regions: the loss tail, q/k norm and rotation, the relu² backward, the Adam update)")
 
 
 @dataclass
@@ -208,8 +208,8 @@ class TrainConfig:
     steps: int = 19073  # llm.c's GPT-2 (124M): 10B tokens in steps of 524,288
     val_every: int = 250  # 0: only at the end
     seed: int = 0
-    # true: torch.compile the model; false: eager; "auto": the model on CUDA, on CPU only the loss
-    # tail (speedrun.prepare.compile_scope says why)
+    # true: torch.compile the model; false: eager; "auto": the model on CUDA, on CPU only a few small
+    # regions, the loss tail first (speedrun.prepare.compile_scope says which and why)
     compile: bool | str = "auto"
     device: str = "auto"  # auto | cpu | cuda
     warmup_steps_untimed: int = 10  # compile warm-up steps whose effects are undone

@@ -124,9 +124,10 @@ def compile_scope(cfg: Config, device: torch.device) -> str | None:
     cross-entropy, by row chunks for a plain next-token loss), q and k's norm and rotation, the relu²
     MLP's backward and, as whenever a run compiles, the Adam update. train.compile = "auto" compiles
     the model on CUDA and the regions on CPU. Measured for tiny on 2 cores (docs/benchmarks.md): each
-    region costs a second or a few of cold compile and saves more over the default run; the whole
-    model costs about 80 s cold and 15 s warm for about 10% more per step, which a run of a few
-    minutes does not win back, from a cold cache or a warm one."""
+    region costs one to three seconds of cold compile and saves about as much or more over the
+    default run, and far more warm; the whole model costs about 80 s cold and 12-15 s warm for
+    steps no faster than the regions' (its attention takes the dense mask and its loss tail is not
+    chunked), so it does not pay, from a cold cache or a warm one."""
     if cfg.train.compile == "auto":
         return "model" if device.type == "cuda" else "regions"
     return "model" if cfg.train.compile else None
