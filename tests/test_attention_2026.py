@@ -154,24 +154,34 @@ def test_paired_rotation_puts_head_h_at_2t_plus_h_mod_2(pairs):
                                atol=2e-5, rtol=0)
 
 
+def qk_and_tables(paired: bool, dtype, H: int = 4, T: int = 6):
+    q, k = randn(2, T, H, 16, seed=1, dtype=dtype), randn(2, T, H, 16, seed=2, dtype=dtype)
+    tables = paired_tables(frequencies(16), 0, T) if paired else rotary_tables_from(frequencies(16), T)
+    return q, k, tables
+
+
 @pytest.mark.parametrize("paired", [False, True])
 @pytest.mark.parametrize("pairs", ["adjacent", "halves"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_q_and_k_normed_and_rotated_side_by_side_as_each_alone(paired, pairs, dtype):
     """Attention norms and rotates q and k as one (B, T, 2H, D) tensor (model.position_qk), one call
-    that a compiled run fuses: bit for bit what each gets alone. Compiled (the CPU regions), the
-    float32 rotation is no longer rounded between the norm and the rotation: within a rounding."""
-    H, T = 4, 6
-    q, k = randn(2, T, H, 16, seed=1, dtype=dtype), randn(2, T, H, 16, seed=2, dtype=dtype)
-    tables = paired_tables(frequencies(16), 0, T) if paired else rotary_tables_from(frequencies(16), T)
+    that a compiled run fuses: bit for bit what each gets alone."""
+    q, k, tables = qk_and_tables(paired, dtype)
     rotate = (lambda x: rotate_paired(x, tables, pairs)) if paired else (lambda x: apply_rotary(x, *tables, pairs))
-    alone = [rotate(F.rms_norm(x, (16,))) for x in (q, k)]
     qk = torch.cat([q, k], dim=2)
-    assert torch.equal(position_qk(qk, tables, True, paired, pairs), torch.cat(alone, dim=2))
+    assert torch.equal(position_qk(qk, tables, True, paired, pairs),
+                       torch.cat([rotate(F.rms_norm(x, (16,))) for x in (q, k)], dim=2))
     assert torch.equal(position_qk(qk, None, True, paired, pairs), F.rms_norm(qk, (16,)))
-    compiled = torch.compile(position_qk, dynamic=False)(qk, tables, True, paired, pairs)
-    eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(compiled, torch.cat(alone, dim=2), atol=4 * eps, rtol=2 * eps)
+
+
+def test_q_and_k_compiled_as_one_region_within_a_rounding():
+    """Compiled (a CPU run's regions, with tiny's pairing and dtype), the float32 rotation no longer
+    rounds the normed q and k to bf16 first: within a rounding of the eager result."""
+    q, k, tables = qk_and_tables(False, torch.bfloat16)
+    qk = torch.cat([q, k], dim=2)
+    compiled = torch.compile(position_qk, dynamic=False)(qk, tables, True, False, "adjacent")
+    eps = torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(compiled, position_qk(qk, tables, True, False, "adjacent"), atol=4 * eps, rtol=2 * eps)
 
 
 # ---------------------------------------------------------------- YaRN
