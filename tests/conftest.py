@@ -58,11 +58,6 @@ def losses(run_dir: Path) -> dict:
 
 
 def pytest_collection_modifyitems(config, items):
-    # Files that hold slow tests first (each file whole and in order), so that pytest-xdist's
-    # --dist loadfile hands them out first and its workers finish together rather than one of them
-    # starting test_train.py, the longest file and last alphabetically, when the other is nearly done.
-    slow_files = {item.path for item in items if "slow" in item.keywords}
-    items.sort(key=lambda item: item.path not in slow_files)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
