@@ -446,8 +446,7 @@ def _enough_tokens(ctx: Context, train_tokens: int, val_tokens: int) -> Iterator
 # -- 8. compile -------------------------------------------------------------------------------------
 
 def check_compile(ctx: Context) -> Iterator[Line]:
-    from speedrun.prepare import compile_scope, use_persistent_compile_cache, user_compile_cache
-    from speedrun.train import COMPILED_REGIONS
+    from speedrun.prepare import COMPILED_REGIONS, compile_scope, use_persistent_compile_cache, user_compile_cache
 
     scope = compile_scope(ctx.cfg, ctx.device) if ctx.device is not None else "model"
     if scope is None:

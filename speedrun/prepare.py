@@ -118,6 +118,10 @@ def avoid_inductor_mix_order_reduction() -> None:
         triton.mix_order_reduction = False
 
 
+# what the "regions" scope compiles, as the log line and doctor name it
+COMPILED_REGIONS = "the loss tail (by row chunks), q and k's norm and rotation, the relu² MLP's backward and the Adam update"
+
+
 def compile_scope(cfg: Config, device: torch.device) -> str | None:
     """What training compiles: "model", "regions" or None (eager). "regions" is a few small graphs,
     each one compiled once and shared by every layer: the loss tail (LMHead: head matmul, softcap and

@@ -29,7 +29,7 @@ from speedrun.distributed import (GradientAverager, Runtime, all_reduce_sum, bac
 from speedrun.errors import DataError, SpeedrunError, UsageError, first_line
 from speedrun.evaluate import loss_sums
 from speedrun.model import GPT
-from speedrun.prepare import compile_scope, fp8_supported, graphs_compiled, prepare
+from speedrun.prepare import COMPILED_REGIONS, compile_scope, fp8_supported, graphs_compiled, prepare
 from speedrun.optim import apply_schedule, build_optimizers, schedule_at
 from speedrun.optim.tied import add_embedding_grad, copy_head_to_embedding, untie
 from speedrun.stages import (StepPlan, grad_accum, graph_key, head_tied_at, shape_steps, step_plan, tokens_before,
@@ -116,7 +116,6 @@ def check_run_data(cfg: Config) -> None:
         shards.read_shard(f, vocab_size=cfg.model.vocab_size)
 
 
-COMPILED_REGIONS = "the loss tail (by row chunks), q and k's norm and rotation, the relu² MLP's backward and the Adam update"
 AUTO_COMPILE_ON_CPU = (f"compile: auto compiles only {COMPILED_REGIONS} on CPU, where a whole-model compile costs more "
                        "time than it saves in a short run (docs/benchmarks.md); --compile compiles the whole model")
 COMPILE_PATHS = {"model": "torch.compile (dynamic=False)",
