@@ -149,10 +149,18 @@ def _as_ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:
     """(B, Q, KV) boolean block grid -> BlockMask's (count, indices) form: the selected key blocks
     nearest the query first (highest index first), then the others, so that lowering a count
     keeps the nearest blocks."""
+    # Each block's place is counted rather than sorted: on CUDA, Inductor lowers a sort to Triton,
+    # and a compiled model whose masks were built with argsort missed its reference by 0.7 in the
+    # logits (torch 2.11, H200) while masks built eagerly matched; torch's own BlockMask code keeps
+    # its argsort out of Inductor.
     n = blocks.size(-1)
-    key = blocks.to(torch.int32) * n + torch.arange(n, device=blocks.device, dtype=torch.int32)
-    indices = key.argsort(dim=-1, descending=True).to(torch.int32)
-    return blocks.sum(-1, dtype=torch.int32)[:, None].contiguous(), indices[:, None].contiguous()
+    kv = torch.arange(n, device=blocks.device, dtype=torch.int32)
+    selected = blocks.to(torch.int32)
+    count = selected.sum(-1, dtype=torch.int32)
+    later = count[..., None] - selected.cumsum(-1, dtype=torch.int32)  # selected blocks with a higher index
+    place = torch.where(blocks, later, count[..., None] + (n - 1 - kv) - later)
+    indices = torch.empty_like(place).scatter_(-1, place.long(), kv.expand_as(place).contiguous())
+    return count[:, None].contiguous(), indices[:, None].contiguous()
 
 
 def flex_masks(docs: Tensor | None, window: int | Tensor, seq_len: int, block: int, device,

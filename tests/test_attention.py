@@ -246,6 +246,41 @@ def test_compiled_flex_on_cuda_equals_reference(layout):
             torch.testing.assert_close(out.float().cpu(), expected, atol=2e-2, rtol=2e-2)
 
 
+def test_block_lists_put_the_nearest_selected_blocks_first():
+    """_as_ordered against a plain sort of each row (selected key blocks, highest index first, then
+    the rest, likewise), eager and compiled, on grids from empty to full."""
+    from speedrun.attention import _as_ordered
+
+    g = torch.Generator().manual_seed(0)
+    grids = [torch.rand(B, n, n, generator=g) < density for B, n in [(1, 1), (2, 3), (3, 8), (1, 33)]
+             for density in (0.0, 0.3, 0.8, 1.0)]
+    compiled = torch.compile(_as_ordered, dynamic=False)
+    for grid in grids:
+        n = grid.size(-1)
+        expected = torch.tensor([[sorted(range(n), key=lambda kv: (bool(row[kv]), kv), reverse=True)
+                                  for row in rows.tolist()] for rows in grid], dtype=torch.int32)
+        for count, indices in (_as_ordered(grid), compiled(grid)):
+            assert count.dtype == indices.dtype == torch.int32
+            assert torch.equal(count, grid.sum(-1, dtype=torch.int32)[:, None])
+            assert torch.equal(indices, expected[:, None])
+
+
+@pytest.mark.gpu
+def test_masks_built_in_a_compiled_graph_equal_eager_ones_on_cuda():
+    """A compiled model builds its BlockMasks inside its graph, where Inductor generates the code on
+    CUDA: the lists (both directions, partial and full) must equal those built eagerly."""
+    for layout in ("none", "block_edges", "many"):
+        docs = document_ids(tokens(layout).cuda())
+        window = torch.tensor(384, device="cuda", dtype=torch.int32)
+        build = lambda docs, window: flex_masks(docs, window, T, BLOCK, docs.device)  # noqa: E731
+        eager, compiled = build(docs, window), torch.compile(build, dynamic=False)(docs, window)
+        for letter in SHRINK:
+            for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                         "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+                a, b = getattr(eager[letter], name), getattr(compiled[letter], name)
+                assert torch.equal(a, b), f"{layout}, {letter}: {name} differs"
+
+
 def test_every_attention_backend_is_a_config_choice_and_back():
     from speedrun import config
     from speedrun.attention import BACKENDS, FALLBACK
