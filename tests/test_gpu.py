@@ -352,19 +352,20 @@ def test_no_compile_flex_does_not_materialise_scores(tmp_path, monkeypatch):
 @pytest.mark.gpu
 def test_warm_up_compiles_every_stage_shape(tmp_path):
     """tiny with a sequence length per stage (512, then 1,024 tokens) and 2, 4, 6 sequences per
-    step: after the warm-up, the first steps of every stage (even and odd, Adam stepping on the
-    odd ones) compile nothing new, so no compile lands on the clock."""
+    step: after the warm-up, the first two steps of every stage and of the extension (Adam stepping
+    on every other step) compile nothing new, so no compile lands on the clock."""
     data_dir = write_shards(tmp_path / "data")
     cfg = load_config("tiny", None, [f"data.dir={json.dumps(str(data_dir))}", f"train.device={DEVICE}",
                                           "stages.seq_len=[512, 1024, 1024, 1024]",
                                           "stages.batch_tokens=[1024, 4096, 6144, 6144]",
                                           "data.val_seq_len=1024", "data.val_tokens=2048"])
     trainer = Trainer(cfg, setup(DEVICE), "test_gpu")
-    assert trainer.warm_up_steps(2) == [0, 1, 23, 24]  # stage 3 and the extension have stage 2's shape
+    starts = [0, *cfg.stages.ends]
+    assert trainer.warm_up_steps(2) == [0, 1, starts[1], starts[1] + 1]  # later stages have stage 2's shape
     trainer.warm_up(2)
     trainer.validate(0)  # the evaluation graph, off the clock
     before = graphs_compiled()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        losses = [trainer.train_step(step) for step in (0, 1, 23, 24, 46, 47, 69)]
+        losses = [trainer.train_step(step) for start in starts for step in (start, start + 1)]
     assert graphs_compiled() == before, "torch.compile compiled a new graph after warm-up"
     assert torch.stack(losses).isfinite().all()

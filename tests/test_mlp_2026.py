@@ -171,8 +171,8 @@ def float64_mlp(mlp: MLP, x, h=None):
     """(h, out) in float64 from x and the weights as the op sees them; `h` replaces the computed one."""
     x64, w1, b1, w2, b2 = [None if t is None else t.double() for t in op_inputs(mlp, x)]
     if h is None:
-        h = F.relu(x64 @ w1.T + b1).square()
-    return h, h @ w2.T + b2
+        h = F.relu(F.linear(x64, w1, b1)).square()
+    return h, F.linear(h, w2, b2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

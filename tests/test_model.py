@@ -274,9 +274,14 @@ def test_meta_build_then_materialise():
     assert loss.item() == pytest.approx(math.log(50257), abs=1e-4)
 
 
+# The attention kernels' operands, by their schema names: their backward also reads float32
+# softmax statistics (logsumexp, which cuDNN keeps as a (B, H, T, 1) tensor), and a mask may be a bias.
+ATTENTION_OPERANDS = {"query", "key", "value", "out", "grad_out"}
+
+
 class MatmulDtypes(TorchDispatchMode):
     """Records the dtypes of the floating-point inputs of every matmul and attention kernel (for
-    attention its (B, H, T, D) operands; its backward also reads the float32 softmax statistics)."""
+    attention its ATTENTION_OPERANDS)."""
 
     def __init__(self):
         super().__init__()
@@ -286,8 +291,9 @@ class MatmulDtypes(TorchDispatchMode):
         name = func.__name__
         attention = "scaled_dot_product" in name
         if name.split(".")[0] in ("mm", "addmm", "bmm", "baddbmm") or attention:
-            dtypes = {a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()
-                      and (a.ndim == 4 or not attention)}
+            inputs = [a for a, spec in zip(args, func._schema.arguments)
+                      if not attention or spec.name in ATTENTION_OPERANDS]
+            dtypes = {a.dtype for a in inputs if isinstance(a, torch.Tensor) and a.is_floating_point()}
             self.seen.setdefault(name.split(".")[0], set()).update(dtypes)
         return func(*args, **(kwargs or {}))
 
