@@ -36,7 +36,7 @@ def measure(preset: str, overrides: list[str], steps: int, warmup: int, device: 
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
     trainer = Trainer(cfg, rt, preset)
-    warmed, warm_s = trainer.warm_up(warmup)
+    warmed, warm_s = trainer.warm_up(warmup, until=steps)  # only the shapes the timed steps use
     graphs_before = graphs_compiled()
     watch = Stopwatch(rt.device)
     watch.start()
@@ -58,7 +58,8 @@ def measure(preset: str, overrides: list[str], steps: int, warmup: int, device: 
         "tokens_per_step": plan.batch_tokens, "tokens_per_s": round(tokens_per_s, 1),
         "mfu": round(utilisation, 4) if utilisation is not None else None,
         "peak_memory_mib": round(peak_memory_mib(rt.device), 1),
-        # Warm-up time less what the same number of steady steps take: the one-off compile cost.
+        # Warm-up time less what the same number of steady steps take: the one-off compile cost of
+        # the timed steps' shapes (a whole run also compiles every later stage's).
         "compile_s": round(max(warm_s - warmed * step_s, 0.0), 2),
         "recompiles": recompiles,
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
@@ -91,7 +92,8 @@ def register(sub) -> None:
     p.add_argument("--vs", help="a second preset measured in the same process, reported as a ratio")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override applied to both presets")
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed steps first, per compiled shape that the timed steps use (default 3)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help=COMPILE_HELP)

@@ -345,23 +345,25 @@ class Trainer:
         self.model.train()
         return (sums[0] / sums[1]).item()
 
-    def warm_up_steps(self, steps: int) -> list[int]:
+    def warm_up_steps(self, steps: int, until: int | None = None) -> list[int]:
         """The steps a warm-up of `steps` per shape runs: that many from this step, and from the first
         step of every later stage with a new graph_key (sequence length, multi-token weights, prefix
         loss), so that no compile lands on the clock. More tokens per step are more micro-steps of
-        the same shape; validation needs no warm-up: it is off the clock."""
+        the same shape; validation needs no warm-up: it is off the clock. `until` leaves out the
+        stages that start at or after it (a benchmark of the first steps needs only their shapes)."""
+        end = self.cfg.train.steps if until is None else min(until, self.cfg.train.steps)
         starts, keys = [], set()
         for start in [self.step, *(s for s in [0, *self.cfg.stages.ends] if s > self.step)]:
             key = graph_key(start, self.cfg)
-            if key not in keys and start < self.cfg.train.steps:
+            if key not in keys and start < end:
                 keys.add(key)
                 starts += range(start, min(start + steps, self.cfg.train.steps))
         return starts
 
-    def warm_up(self, steps: int) -> tuple[int, float]:
-        """Run the real steps of `warm_up_steps(steps)` to trigger compilation and allocator growth,
-        then put model, optimizers and loader back as they were; returns (steps run, seconds)."""
-        todo = self.warm_up_steps(steps)
+    def warm_up(self, steps: int, until: int | None = None) -> tuple[int, float]:
+        """Run the real steps of `warm_up_steps(steps, until)` to trigger compilation and allocator
+        growth, then put model, optimizers and loader back as they were; returns (steps run, seconds)."""
+        todo = self.warm_up_steps(steps, until)
         if not todo:
             return 0, 0.0
         snapshot = (copy.deepcopy(self.model.state_dict()), [copy.deepcopy(o.state_dict()) for o in self.optimizers],

@@ -185,6 +185,9 @@ def test_warm_up_steps_cover_every_batch_shape_still_to_come():
     assert trainer.warm_up_steps(2) == [130, 131]
     trainer.step = 179  # the last step: nothing past the run
     assert trainer.warm_up_steps(2) == [179]
+    trainer.step = 0  # a benchmark of steps 0-59 or 0-60 (speedrun bench): only the shapes those use
+    assert trainer.warm_up_steps(2, until=60) == [0, 1]
+    assert trainer.warm_up_steps(2, until=61) == [0, 1, 60, 61]
 
 
 def test_loss_weights_and_the_tied_head_follow_the_record_by_stage():
