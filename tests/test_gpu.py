@@ -150,6 +150,24 @@ def test_no_host_sync_in_a_compiled_train_step(tmp_path):
 
 
 @pytest.mark.gpu
+def test_no_host_sync_in_a_compiled_2026_train_step(tmp_path):
+    """The same for the 2026 recipe (the tiny preset as it is): NorMuon, the record's Adam on every
+    other step, multi-token and prefix losses, the varlen masks and the stage's window schedule."""
+    data_dir = write_shards(tmp_path / "data")
+    cfg = load_config("tiny", None, [f"data.dir={json.dumps(str(data_dir))}", f"train.device={DEVICE}",
+                                     "data.val_seq_len=1024", "data.val_tokens=2048"])
+    trainer = Trainer(cfg, setup(DEVICE), "test_gpu")
+    before = graphs_compiled()
+    trainer.warm_up(2)
+    assert graphs_compiled() > before  # compiled, as `speedrun train` runs it
+    synchronize()
+    with SyncDebugErrors():
+        losses = [trainer.train_step(step) for step in range(3)]
+    synchronize()
+    assert torch.stack(losses).isfinite().all()
+
+
+@pytest.mark.gpu
 def test_no_recompiles_as_the_window_grows(tmp_path):
     """Train steps at the first step of every window value of the run (128, 256, 384 and 512
     tokens over tiny's stages), and a validation at the last, compile nothing new once step 0
