@@ -1,9 +1,10 @@
 """`speedrun bench`: step time, tokens/s, MFU, peak memory and compile time of a preset on this
 device, measured after warm-up as medians over several steps, each timed as `speedrun train` times
 it (`train.Stopwatch`: steps queued back to back, the device waited for only when the times are
-read); `--vs` measures a second preset in the same process for a side-by-side ratio. Each result also counts the graphs torch.compile compiled
-during the timed steps (`recompiles`): 0 in a healthy run, where warm-up compiled everything and
-nothing (a growing window, a new shape, an lr) makes Dynamo compile again."""
+read); `--at` times a later part of the run (its stage's batch and window), `--vs` measures a
+second preset in the same process for a side-by-side ratio. Each result also counts the graphs
+torch.compile compiled during the timed steps (`recompiles`): 0 in a healthy run, where warm-up
+compiled everything and nothing (a growing window, a new shape, an lr) makes Dynamo compile again."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ from speedrun.stages import step_plan
 from speedrun.runlog import device_description, mfu, peak_flops, peak_memory_mib
 
 
-def measure(preset: str, overrides: list[str], steps: int, warmup: int, device: str, compile: bool | None) -> dict:
+def measure(preset: str, overrides: list[str], steps: int, warmup: int, device: str, compile: bool | None,
+            at: int = 0) -> dict:
+    """Times steps at, at + 1, ... at + steps - 1 of `preset`'s run (their stage, batch and window)."""
     from speedrun.train import Stopwatch, Trainer
 
     cfg = load_config(preset, None, overrides)
@@ -36,24 +39,25 @@ def measure(preset: str, overrides: list[str], steps: int, warmup: int, device: 
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
     trainer = Trainer(cfg, rt, preset)
-    warmed, warm_s = trainer.warm_up(warmup, until=steps)  # only the shapes the timed steps use
+    trainer.step = at
+    warmed, warm_s = trainer.warm_up(warmup, until=at + steps)  # only the shapes the timed steps use
     graphs_before = graphs_compiled()
     watch = Stopwatch(rt.device)
     watch.start()
-    for step in range(steps):
+    for step in range(at, at + steps):
         trainer.train_step(step)
         watch.mark(step)
     ends = [ms / 1000 for _, ms in watch.laps()]
     times = [end - begin for begin, end in zip([0.0, *ends], ends)]
     recompiles = graphs_compiled() - graphs_before
     step_s = statistics.median(times)
-    plan = step_plan(0, cfg)  # the steps timed are the first stage's
+    plan = step_plan(at, cfg)
     tokens_per_s = plan.batch_tokens / step_s
     utilisation = mfu(trainer.model.flops_per_token(plan.seq_len), tokens_per_s, peak_flops(rt.device),
                       rt.world_size)
     return {
         "preset": preset, "device": device_description(rt.device), "world_size": rt.world_size,
-        "torch": torch.__version__, "compile": cfg.train.compile, "steps": steps,
+        "torch": torch.__version__, "compile": cfg.train.compile, "at": at, "steps": steps,
         "step_ms": round(step_s * 1000, 2), "step_ms_min": round(min(times) * 1000, 2),
         "tokens_per_step": plan.batch_tokens, "tokens_per_s": round(tokens_per_s, 1),
         "mfu": round(utilisation, 4) if utilisation is not None else None,
@@ -64,6 +68,18 @@ def measure(preset: str, overrides: list[str], steps: int, warmup: int, device: 
         "recompiles": recompiles,
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
     }
+
+
+def _check_timed_steps(preset: str, cfg, at: int, steps: int) -> None:
+    """The timed steps lie in the run and share one batch size, which tokens/s and MFU are counted by."""
+    last = at + steps - 1
+    if last >= cfg.train.steps:
+        raise UsageError(f"--at {at} --steps {steps} times steps up to {last}, past {preset}'s last step "
+                         f"({cfg.train.steps - 1})")
+    first_plan, last_plan = step_plan(at, cfg), step_plan(last, cfg)
+    if (first_plan.batch_tokens, first_plan.seq_len) != (last_plan.batch_tokens, last_plan.seq_len):
+        raise UsageError(f"--at {at} --steps {steps}: {preset}'s steps {at} and {last} lie in stages with other "
+                         f"batches ({first_plan.batch_tokens:,} and {last_plan.batch_tokens:,} tokens); time one stage")
 
 
 def compile_latency(preset: str, overrides: list[str], device: str) -> dict:
@@ -92,6 +108,8 @@ def register(sub) -> None:
     p.add_argument("--vs", help="a second preset measured in the same process, reported as a ratio")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override applied to both presets")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--at", type=int, default=0, metavar="STEP",
+                   help="time the run's steps from STEP on, with their stage's batch and window (default 0)")
     p.add_argument("--warmup", type=int, default=3,
                    help="untimed steps first, per compiled shape that the timed steps use (default 3)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -106,13 +124,14 @@ def register(sub) -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from speedrun.train import default_preset
 
-    if args.steps < 1 or args.warmup < 0:
-        raise UsageError(f"--steps must be at least 1 and --warmup at least 0, got {args.steps} and {args.warmup}")
+    if args.steps < 1 or args.warmup < 0 or args.at < 0:
+        raise UsageError(f"--steps must be at least 1, --warmup and --at at least 0, got {args.steps}, {args.warmup} "
+                         f"and {args.at}")
     preset = args.preset or default_preset()
-    for name in [preset] + ([args.vs] if args.vs else []):
-        load_config(name, None, args.set)  # every preset and override checked before the first benchmark
+    for name in [preset] + ([args.vs] if args.vs else []):  # all checked before the first benchmark
+        _check_timed_steps(name, load_config(name, None, args.set), args.at, args.steps)
     try:
-        results = [measure(name, args.set, args.steps, args.warmup, args.device, args.compile)
+        results = [measure(name, args.set, args.steps, args.warmup, args.device, args.compile, args.at)
                    for name in [preset] + ([args.vs] if args.vs else [])]
     finally:
         teardown()
@@ -126,7 +145,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"device: {results[0]['device']}  torch {results[0]['torch']}  steps: {args.steps} (median)")
+    print(f"device: {results[0]['device']}  torch {results[0]['torch']}  steps: {args.steps} from step {args.at} "
+          "(median)")
     print(f"{'preset':<22} {'step ms':>10} {'tokens/s':>12} {'MFU':>7} {'peak MiB':>10} {'compile s':>9} {'recompiles':>10}")
     for r in results:
         print(_row(r))

@@ -99,4 +99,14 @@ def test_bench_checks_every_preset_before_measuring():
 def test_bench_needs_at_least_one_timed_step():
     r = run_cli("bench", "--preset", "tiny-2025", "--steps", "0", check=False)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "speedrun bench: error: --steps must be at least 1 and --warmup at least 0, got 0 and 3"]
+        "speedrun bench: error: --steps must be at least 1, --warmup and --at at least 0, got 0, 3 and 0"]
+
+
+@pytest.mark.parametrize("args,error", [
+    (["--at", "175", "--steps", "10"], "--at 175 --steps 10 times steps up to 184, past tiny's last step (179)"),
+    (["--at", "115", "--steps", "10"], "--at 115 --steps 10: tiny's steps 115 and 124 lie in stages with other "
+                                       "batches (1,024 and 2,048 tokens); time one stage"),
+])
+def test_bench_times_steps_of_one_stage_within_the_run(args, error):
+    r = run_cli("bench", "--preset", "tiny", *args, check=False)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"speedrun bench: error: {error}"]

@@ -82,3 +82,11 @@ def test_bench_reports_both_presets_and_their_ratio():
     text = run_cli("bench", "--preset", "tiny-2025", "--vs", "baseline-tiny", "--steps", "1", "--warmup", "1",
                    "--no-compile", *[a for a in SMALL_RUN if a != "--no-compile"]).stdout
     assert re.search(r"ratio tiny-2025/baseline-tiny: step time [0-9.]+×", text)
+
+
+def test_bench_times_a_later_stage_with_its_batch():
+    r = run_cli("bench", "--preset", "tiny", "--at", "120", "--steps", "1", "--warmup", "1", "--no-compile",
+                "--device", "cpu", "--json")
+    result = json.loads(r.stdout)["results"][0]
+    assert (result["at"], result["steps"], result["tokens_per_step"]) == (120, 1, 2048)  # stage 3: 2 sequences
+    assert result["recompiles"] == 0 and result["step_ms"] > 0
