@@ -85,8 +85,8 @@ def test_bench_reports_both_presets_and_their_ratio():
 
 
 def test_bench_times_a_later_stage_with_its_batch():
-    r = run_cli("bench", "--preset", "tiny", "--at", "120", "--steps", "1", "--warmup", "1", "--no-compile",
-                "--device", "cpu", "--json")
-    result = json.loads(r.stdout)["results"][0]
+    from speedrun.bench import measure
+
+    result = measure("tiny", [], steps=1, warmup=1, device="cpu", compile=False, at=120)
     assert (result["at"], result["steps"], result["tokens_per_step"]) == (120, 1, 2048)  # stage 3: 2 sequences
     assert result["recompiles"] == 0 and result["step_ms"] > 0
