@@ -82,13 +82,13 @@ def _check_timed_steps(preset: str, cfg, at: int, steps: int) -> None:
                          f"batches ({first_plan.batch_tokens:,} and {last_plan.batch_tokens:,} tokens); time one stage")
 
 
-def compile_latency(preset: str, overrides: list[str], device: str) -> dict:
-    """Cold and warm compile time: the same one-step bench twice in fresh processes sharing a new,
-    empty compile cache."""
+def compile_latency(preset: str, overrides: list[str], device: str, at: int = 0) -> dict:
+    """Cold and warm compile time: the same one-step bench (at step `at`) twice in fresh processes
+    sharing a new, empty compile cache."""
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-        cmd = [sys.executable, "-m", "speedrun", "bench", "--preset", preset, "--steps", "1", "--warmup", "1",
-               "--device", device, "--compile", "--json", *sum((["--set", o] for o in overrides), [])]
+        cmd = [sys.executable, "-m", "speedrun", "bench", "--preset", preset, "--at", str(at), "--steps", "1",
+               "--warmup", "1", "--device", device, "--compile", "--json", *sum((["--set", o] for o in overrides), [])]
         runs = [json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout)
                 for _ in range(2)]
     return {"cold_compile_s": runs[0]["results"][0]["compile_s"], "warm_compile_s": runs[1]["results"][0]["compile_s"]}
@@ -141,7 +141,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         report["ratio"] = {"step_ms": round(a["step_ms"] / b["step_ms"], 3),
                            "tokens_per_s": round(a["tokens_per_s"] / b["tokens_per_s"], 3)}
     if args.compile_latency:
-        report["compile_latency"] = compile_latency(preset, args.set, args.device)
+        report["compile_latency"] = compile_latency(preset, args.set, args.device, args.at)
     if args.json:
         print(json.dumps(report))
         return 0
