@@ -34,10 +34,7 @@ def compiled_on_cuda(fn):
 
     def run(first: Tensor, *args):
         nonlocal compiled
-        # Inside a compiled model the call is traced into the model's graph, which fuses it anyway;
-        # setting `compiled` there would change a closure cell that Dynamo guards on, and so
-        # recompile the whole model at its next call.
-        if not first.is_cuda or torch.compiler.is_compiling():
+        if not first.is_cuda:
             return fn(first, *args)
         if compiled is None:
             compiled = torch.compile(fn)
