@@ -29,6 +29,23 @@ def prepared(model, device="cpu", mode="train", sequences_per_loss=1):
     return model
 
 
+class Compiles:
+    """The torch.compile compilations inside the block (`frames`), each as "function (file:line):
+    why", where why is a recompile's guard failure or "first compile": a test that expects none
+    shows in its failure what compiled and why. Clears Dynamo's bounded record of compilations."""
+
+    def __enter__(self):
+        torch._dynamo.utils.clear_compilation_metrics()
+        self.frames: list[str] = []
+        return self
+
+    def __exit__(self, *exc):
+        self.frames = [f"{m.co_name} ({m.co_filename}:{m.co_firstlineno}): "
+                       f"{getattr(m, 'recompile_reason', None) or 'first compile'}"
+                       for m in torch._dynamo.utils.get_compilation_metrics()]
+        return False
+
+
 def speedrun_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "speedrun", *args]
 
