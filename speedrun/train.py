@@ -276,9 +276,14 @@ class Trainer:
         if tokens is None:
             return None
         if (kind, tokens) not in self._windows:
-            host = torch.tensor(tokens, dtype=torch.int32, pin_memory=self.device.type == "cuda")
-            self._windows[kind, tokens] = host.to(self.device, non_blocking=True)
+            self._windows[kind, tokens] = self._on_device(tokens, torch.int32)
         return self._windows[kind, tokens]
+
+    def _on_device(self, values, dtype: torch.dtype) -> torch.Tensor:
+        """Host values as a device tensor, copied from pinned memory without blocking the host (from
+        pageable memory, as torch.tensor(values, device=...) copies, a CUDA copy waits for the device)."""
+        host = torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda")
+        return host.to(self.device, non_blocking=True)
 
     def _windows_at(self, step: int) -> dict:
         """The forward's window arguments at `step` (step == train.steps: the final validation)."""
@@ -323,9 +328,9 @@ class Trainer:
         recompile as they ramp); nothing for a plain next-token loss."""
         args = {}
         if self.cfg.stages.mtp_weights_start:
-            args["future_weights"] = torch.tensor(plan.mtp_weights, device=self.device)
+            args["future_weights"] = self._on_device(plan.mtp_weights, torch.float32)
         if graph_key(step, self.cfg)[2]:
-            args["prefix_weight"] = torch.tensor(plan.prefix_weight, device=self.device)
+            args["prefix_weight"] = self._on_device(plan.prefix_weight, torch.float32)
         return args
 
     def _follow_yarn(self, step: int) -> None:
