@@ -151,8 +151,8 @@ def _as_ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:
     keeps the nearest blocks."""
     # Each block's place is counted rather than sorted: on CUDA, Inductor lowers a sort to Triton,
     # and a compiled model whose masks were built with argsort missed its reference by 0.7 in the
-    # logits (torch 2.11, H200) while masks built eagerly matched; torch's own BlockMask code keeps
-    # its argsort out of Inductor.
+    # logits (torch 2.11, H200) while masks built eagerly matched, the sort the likely cause
+    # (docs/benchmarks.md); torch's own BlockMask code keeps its argsort out of Inductor.
     n = blocks.size(-1)
     kv = torch.arange(n, device=blocks.device, dtype=torch.int32)
     selected = blocks.to(torch.int32)
