@@ -91,5 +91,5 @@ def test_bench_times_a_later_stage_with_its_batch():
     from speedrun.bench import measure
 
     result = measure("tiny", [], steps=1, warmup=1, device="cpu", compile=False, at=120)
-    assert (result["at"], result["steps"], result["tokens_per_step"]) == (120, 1, 2048)  # stage 3: 2 sequences
+    assert (result["at"], result["steps"], result["tokens_per_step"]) == (120, 1, 2048)  # stage 3: one sequence of 2,048 tokens
     assert result["recompiles"] == 0 and result["step_ms"] > 0

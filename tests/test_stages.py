@@ -142,9 +142,10 @@ PART_2_KEYS = {"optim": {"lr_embed", "role_lr", "role_weight_decay", "role_adam_
                "stages": {"mtp_weights_start", "mtp_weights_end", "prefix_weight_start", "prefix_weight_end", "head_tied"}}
 
 
-# what the sizing of tiny (docs/benchmarks.md, "Sizing tiny") changed after the ablation: its batches and length
+# what the sizing of tiny (docs/benchmarks.md, "Sizing tiny") changed after the ablation: its batches and length,
+# and its third stage's one sequence of 2,048 tokens ("tiny's third stage as one sequence")
 SIZING_KEYS = {"optim": {"muon_momentum_warmup_steps", "muon_momentum_cooldown_steps"},
-               "stages": {"ends", "batch_tokens"}, "data": {"batch_tokens"}, "train": {"steps", "val_every"}}
+               "stages": {"ends", "batch_tokens", "seq_len"}, "data": {"batch_tokens"}, "train": {"steps", "val_every"}}
 
 
 def test_the_ablation_ends_at_tiny():
