@@ -170,7 +170,9 @@ class Attention(nn.Module):
         w = self.qkv.flatten(0, 1).type_as(x)
         qkv = F.linear(x, w if self.lambdas is None else self.lambdas[0].type_as(x) * w, bias).view(B, T, 3 * H, D)
         tables = None if rotary is None else rotary["paired" if self.paired else "plain"]
-        position = _compiled_position_qk() if self.compiled else position_qk
+        # compiled for training only: under no_grad (validation) it would be a graph of its own, about
+        # 2.2 s of cold compile to save 13 ms a validation of tiny (docs/benchmarks.md)
+        position = _compiled_position_qk() if self.compiled and torch.is_grad_enabled() else position_qk
         q, k = position(qkv[:, :, :2 * H], tables, self.cfg.qk_norm, self.paired, self.pairs).chunk(2, dim=-2)
         v = qkv[:, :, 2 * H:]
         if self.key_offset:

@@ -235,3 +235,27 @@ def test_the_2026_model_trains_compiled_on_cuda_against_float32():
     with Compiles() as compiled:
         run(idx, idx, future_weights=torch.tensor([1.0, 0.25], device="cuda"), **kw).backward()
     assert not compiled.frames, compiled.frames
+
+
+def test_a_regions_run_rotates_q_and_k_compiled_in_training_and_eagerly_without_grad(monkeypatch):
+    """Attention.compiled (a CPU run's regions) takes the compiled norm and rotation only where grad
+    is on: validation under no_grad would compile a second graph for almost no gain."""
+    import speedrun.model as model_module
+    from conftest import prepared
+    from speedrun.model import Attention, position_qk
+
+    calls = []
+    def recording(*args):
+        calls.append(torch.is_grad_enabled())
+        return position_qk(*args)
+    monkeypatch.setattr(model_module, "_compiled_position_qk", lambda: recording)
+    model = prepared(GPT(small()))
+    attention = [m for m in model.modules() if isinstance(m, Attention)]
+    for m in attention:
+        m.compiled = True
+    idx = tokens()
+    with torch.no_grad():
+        model(idx, idx)
+    assert calls == []
+    model(idx, idx).backward()
+    assert calls == [True] * len(attention)
