@@ -144,9 +144,10 @@ def _softcap(z: Tensor, cap: float, temperature: float, shift: float) -> tuple[T
 
 
 def _softcapped_loss_and_grad_(logits: Tensor, targets: Tensor, cap: float, temperature: float, shift: float,
-                               scale: float) -> Tensor:
+                               scale: Tensor) -> Tensor:
     """Rows of head outputs (rows, vocab) and their targets -> the sum of the rows' cross-entropies
-    after LMHead's softcap; `logits` is overwritten with scale · d(that sum)/d(logits)."""
+    after LMHead's softcap; `logits` is overwritten with scale · d(that sum)/d(logits). `scale` is a
+    0-d float32 tensor, so that another batch size does not compile another graph."""
     z = logits.float()
     if cap > 0:
         z, squashed = _softcap(z, cap, temperature, shift)
@@ -179,11 +180,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         w = weight[:cfg.vocab_size].to(x.dtype)
         grad_logits = rows @ w.t()  # the logits, each chunk replaced by its gradient as it is done
         flat_targets, total = targets.reshape(-1), grad_logits.new_zeros((), dtype=torch.float32)
+        scale = torch.tensor(1 / rows.size(0), dtype=torch.float32, device=rows.device)
         loss_and_grad_ = _compiled_loss_and_grad_()
         for start in range(0, rows.size(0), head.chunk_rows):
             chunk = slice(start, start + head.chunk_rows)
             total += loss_and_grad_(grad_logits[chunk], flat_targets[chunk], cfg.logit_softcap,
-                                    cfg.softcap_temperature, cfg.softcap_shift, 1 / rows.size(0))
+                                    cfg.softcap_temperature, cfg.softcap_shift, scale)
         ctx.save_for_backward(rows, w, grad_logits)
         ctx.x_shape, ctx.weight_shape, ctx.weight_dtype = x.shape, weight.shape, weight.dtype
         return total / rows.size(0)

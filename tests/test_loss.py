@@ -85,6 +85,24 @@ def test_the_chunked_loss_matches_the_autograd_one(changes, dtype):
     assert not chunked_w[VOCAB:].any()
 
 
+def test_the_chunked_loss_compiles_once_for_every_batch_size():
+    """The chunks' kernel takes the mean's 1/rows as a tensor: a stage with another batch size (and
+    the same chunk shape) runs the graph the first compiled, with that batch's own scale."""
+    from conftest import Compiles
+
+    h = head()
+    h.chunk_rows = 8
+    x, targets = data()
+    loss_and_grads(h, x, None, targets)
+    with Compiles() as compiled:
+        one = loss_and_grads(h, x[:1], None, targets[:1])
+    assert not compiled.frames, compiled.frames
+    h.chunk_rows = 0
+    reference = loss_and_grads(h, x[:1], None, targets[:1])
+    for got, want in zip(one, reference):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_the_chunked_loss_is_only_for_a_plain_next_token_loss_in_training():
     """Evaluation and multi-token terms take the plain tail, which keeps the logits: those calls
     never reach the chunked function, whose result needs no logits."""
