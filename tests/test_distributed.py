@@ -1,6 +1,6 @@
 """Several processes under torchrun on CPU (gloo): same losses for any world size, node layout, or
 crash-and-restart; checkpoints that refuse to run code. (A SIGKILL during a save:
-tests/test_staged_runs.py.)"""
+tests/test_staged_resume.py.)"""
 
 import os
 import pickle
