@@ -162,6 +162,20 @@ def test_the_ablation_ends_at_tiny():
         assert {k: built[section][k] for k in keep} == {k: preset[section][k] for k in keep}, section
 
 
+def test_every_sizing_variant_is_a_valid_config():
+    """benchmarks/tiny_sizes.py's variants load as runs of tiny (its batch variants must still divide
+    into the sequences of each stage after a change to tiny), each with the steps it asks for."""
+    from speedrun.ablate import run_config
+
+    spec = importlib.util.spec_from_file_location("sizes", Path(__file__).parents[1] / "benchmarks" / "tiny_sizes.py")
+    sizes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sizes)
+    for name, args in sizes.VARIANTS.items():
+        cfg = run_config(["--preset", "tiny", "--device", "cpu", *args])
+        steps = args[args.index("--steps") + 1] if "--steps" in args else "180"
+        assert cfg.train.steps == int(steps), name
+
+
 def test_warm_up_steps_cover_every_batch_shape_still_to_come():
     """Two warm-up steps from the current step and from the first step of every later stage with a
     new graph: stage 1 (256 tokens, three multi-token weights, prefix loss), stage 2 (512 tokens,
