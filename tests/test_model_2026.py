@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import TINY_4_BLOCKS, Compiles
+from conftest import TINY_4_BLOCKS, Compiles, prepared
 from speedrun.config import load_config
 from speedrun.model import GPT
 from speedrun.stages import untie_step, yarn_windows
@@ -241,7 +241,6 @@ def test_a_regions_run_rotates_q_and_k_compiled_in_training_and_eagerly_without_
     """Attention.compiled (a CPU run's regions) takes the compiled norm and rotation only where grad
     is on: validation under no_grad would compile a second graph for almost no gain."""
     import speedrun.model as model_module
-    from conftest import prepared
     from speedrun.model import Attention, position_qk
 
     calls = []

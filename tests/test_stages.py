@@ -148,13 +148,19 @@ SIZING_KEYS = {"optim": {"muon_momentum_warmup_steps", "muon_momentum_cooldown_s
                "stages": {"ends", "batch_tokens", "seq_len"}, "data": {"batch_tokens"}, "train": {"steps", "val_every"}}
 
 
+def benchmark_script(name: str):
+    """benchmarks/NAME.py imported as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_the_ablation_ends_at_tiny():
     """benchmarks/ablation_2026.py adds the first part's pieces one at a time to tiny-2025; all of them
     are tiny's optimizer, stages, data and training, apart from the second part's keys and the
     sizing's."""
-    spec = importlib.util.spec_from_file_location("ablation", Path(__file__).parents[1] / "benchmarks" / "ablation_2026.py")
-    ablation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablation)
+    ablation = benchmark_script("ablation_2026")
     built = to_dict(load_config("tiny-2025", overrides=ablation.cumulative_overrides(len(ablation.PIECES) - 1)))
     preset = to_dict(load_config("tiny"))
     for section in ("optim", "stages", "data", "train"):
@@ -167,9 +173,7 @@ def test_every_sizing_variant_is_a_valid_config():
     into the sequences of each stage after a change to tiny), each with the steps it asks for."""
     from speedrun.ablate import run_config
 
-    spec = importlib.util.spec_from_file_location("sizes", Path(__file__).parents[1] / "benchmarks" / "tiny_sizes.py")
-    sizes = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sizes)
+    sizes = benchmark_script("tiny_sizes")
     for name, args in sizes.VARIANTS.items():
         cfg = run_config(["--preset", "tiny", "--device", "cpu", *args])
         steps = args[args.index("--steps") + 1] if "--steps" in args else "180"
