@@ -282,8 +282,8 @@ def check_attention_selftest(ctx: Context) -> Iterator[Line]:
     from speedrun.attention import attend
 
     if ctx.cfg.train.compile:
-        from speedrun.prepare import use_persistent_compile_cache
-        use_persistent_compile_cache()  # as the run does, so that a second doctor run compiles from cache
+        from speedrun.prepare import configure_compiler
+        configure_compiler(ctx.device)  # as the run does, so that a second doctor run compiles from cache
     t = _selftest_setup(ctx)
     t0 = time.perf_counter()
     compiled = torch.compile(flex_attention, dynamic=False)  # timed too: it imports the compiler, seconds

@@ -91,6 +91,27 @@ def test_mix_order_reduction_is_off_unless_the_user_chose(monkeypatch, user_sett
         assert inductor_config.triton.mix_order_reduction is (user_setting is not None)
 
 
+@pytest.mark.parametrize("user_setting", [None, "0"])
+def test_cpu_compiles_trust_the_vector_isa_unless_the_user_chose(monkeypatch, user_setting):
+    """A compiled CPU run lets inductor take its vector ISA from the CPU's flags rather than build
+    ATen's vector headers once per candidate (prepare.trust_cpu_vector_isa); a TORCHINDUCTOR_VEC_ISA_OK
+    the user set stays in charge."""
+    import torch
+    import torch._inductor.config as inductor_config
+
+    from speedrun.config import load_config
+    from speedrun.model import GPT
+
+    if user_setting is None:
+        monkeypatch.delenv("TORCHINDUCTOR_VEC_ISA_OK", raising=False)
+    else:
+        monkeypatch.setenv("TORCHINDUCTOR_VEC_ISA_OK", user_setting)
+    cfg = load_config("tiny")
+    with inductor_config.patch({"cpp.vec_isa_ok": None}):
+        prepare.prepare(GPT(cfg.model), cfg, torch.device("cpu"), "train")
+        assert inductor_config.cpp.vec_isa_ok is (True if user_setting is None else None)
+
+
 @pytest.mark.parametrize("compile,mode,expected", [("auto", "train", True), (False, "train", False),
                                                    ("auto", "eval", False), (True, "train", False)])
 def test_cpu_training_under_auto_compiles_the_regions(compile, mode, expected):
