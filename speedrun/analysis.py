@@ -418,6 +418,12 @@ def _cmd_plot(args) -> int:
 
 
 def save_figure(fig, out: Path) -> Path:
+    """Write `fig` to `out` and return the path written: an existing directory gets loss.png inside,
+    a name without an extension a PNG with ".png" added (matplotlib's own default, made visible)."""
+    if out.is_dir():
+        out = out / "loss.png"
+    elif not out.suffix:
+        out = out.with_name(out.name + ".png")
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         fig.savefig(out)
@@ -513,7 +519,8 @@ def register(sub) -> None:
                                    "figure.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--x", choices=["time", "tokens", "step"], default="time", help="x axis (default: time)")
-    p.add_argument("--out", default="loss.png", metavar="FILE", help="image to write (default: loss.png)")
+    p.add_argument("--out", default="loss.png", metavar="FILE", help="image to write; a directory gets loss.png inside, a name without an extension .png "
+                        "(default: loss.png)")
     p.add_argument("--target", type=float, metavar="LOSS",
                    help="draw a target line (default: the runs' train.target_val_loss; 0: none)")
     p.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,

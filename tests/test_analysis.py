@@ -77,6 +77,21 @@ def test_plot_draws_one_val_line_per_run_and_writes_a_png(tmp_path, monkeypatch,
     assert (width, height) == (990, 605)
 
 
+@pytest.mark.parametrize("out,written", [("figs", "figs/loss.png"), ("curve", "curve.png"),
+                                         ("a.b/curve", "a.b/curve.png"), ("curve.svg", "curve.svg")])
+def test_plot_prints_the_file_it_wrote(tmp_path, monkeypatch, capsys, out, written):
+    """An existing directory gets loss.png inside, a name without an extension the PNG matplotlib
+    would write there (it adds .png); the path printed is the file written, and nothing else is."""
+    run = make_run(tmp_path / "runs" / "a")
+    (tmp_path / "figs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert speedrun(monkeypatch, "plot", run, "--out", out) == 0
+    assert capsys.readouterr().out.strip() == written
+    assert (tmp_path / written).is_file()
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file() and "runs" not in p.parts) \
+        == [written]
+
+
 def test_compare_interpolates_time_to_loss_and_ratios(tmp_path, monkeypatch, capsys):
     a = make_run(tmp_path / "a", val=[(0, 0.0, 10.8), (100, 10_000.0, 4.0), (200, 20_000.0, 3.5), (300, 30_000.0, 3.2)],
                  steps=300)
