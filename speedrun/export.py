@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from safetensors.torch import save_model
@@ -16,6 +17,9 @@ from speedrun.loading import CONFIG, WEIGHTS, final_window, load_model
 from speedrun.loading import from_pretrained
 
 __all__ = ["export", "from_pretrained", "register"]
+
+README_FILE = "README.md"
+FILES = (WEIGHTS, CONFIG, README_FILE)
 
 README = """# {name}
 
@@ -39,17 +43,31 @@ The model attends within the windows it was last validated with; pass
 """
 
 
-def export(path: str | Path, out: str | Path) -> Path:
-    cfg, model = load_model(path, "cpu")
+def export(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write the model of `path` (a run, a checkpoint or an export) into the folder `out`. An earlier
+    export there is replaced only with `overwrite`; each file is written beside its final name and
+    renamed over it, so an interrupted export leaves the earlier files whole."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
+    held = [name for name in FILES if (out / name).exists()]
+    if held and not overwrite:
+        raise UsageError(f"--out {out} already holds an export ({', '.join(held)}); replace it with --overwrite, "
+                         f"or choose another --out")
+    cfg, model = load_model(path, "cpu")
     out.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(out / WEIGHTS))
-    (out / CONFIG).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-    (out / "README.md").write_text(README.format(name=out.name, description=cfg.description or "custom config",
-                                                 window=", ".join(f"{k}={v}" for k, v in final_window(cfg).kwargs().items() if v is not None)))
+    readme = README.format(name=out.name, description=cfg.description or "custom config",
+                           window=", ".join(f"{k}={v}" for k, v in final_window(cfg).kwargs().items() if v is not None))
+    _replace(out / WEIGHTS, lambda tmp: save_model(model, str(tmp)))
+    _replace(out / CONFIG, lambda tmp: tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n"))
+    _replace(out / README_FILE, lambda tmp: tmp.write_text(readme))
     return out
+
+
+def _replace(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def register(sub) -> None:
@@ -59,11 +77,12 @@ def register(sub) -> None:
                                    "Load it with speedrun.export.from_pretrained(DIR).")
     p.add_argument("path", metavar="RUN_DIR|CKPT", help="a run directory (its newest checkpoint) or a checkpoint directory")
     p.add_argument("--out", required=True, help="folder to write (created if missing)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    out = export(args.path, args.out)
-    for name in (WEIGHTS, CONFIG, "README.md"):
+    out = export(args.path, args.out, args.overwrite)
+    for name in FILES:
         print(out / name)
     return 0

@@ -13,7 +13,7 @@ from speedrun import checkpoint
 from speedrun.config import load_config, to_dict
 from speedrun.data.tokenizer import EOT
 from speedrun.distributed import Runtime
-from speedrun.export import from_pretrained  # the import exported READMEs show
+from speedrun.export import export, from_pretrained  # from_pretrained: the import exported READMEs show
 from speedrun.loading import final_window, load_model
 from speedrun.model import GPT
 
@@ -80,6 +80,22 @@ def test_export_reloads_with_identical_logits(run, tmp_path):
     # and the exported folder is itself accepted wherever a run or checkpoint is
     assert torch.equal(logits(load_model(out, "cpu")[1]), logits(model))
     assert final_window(cfg) == (256, None)
+
+
+def test_export_replaces_an_earlier_export_only_with_overwrite(tmp_path):
+    first, second = saved_run(tmp_path / "first", "baseline-tiny", seed=0), saved_run(tmp_path / "second", "baseline-tiny", seed=1)
+    out = tmp_path / "out"
+    export(first, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = run_cli("export", str(second), "--out", str(out), check=False)
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"speedrun export: error: --out {out} already holds an export (model.safetensors, "
+                                f"config.json, README.md); replace it with --overwrite, or choose another --out")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    run_cli("export", str(second), "--out", str(out), "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)  # no temporary file left behind
+    assert torch.equal(logits(from_pretrained(out)), logits(load_model(second, "cpu")[1]))
+    assert not torch.equal(logits(from_pretrained(out)), logits(load_model(first, "cpu")[1]))
 
 
 def test_tied_head_survives_export(tmp_path):
