@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from speedrun.prepare import trust_cpu_vector_isa
+
 # A tiny-preset run shrunk so that a 20-step run takes seconds on 2 cores: the model is the tiny
 # preset's, only the batch and validation set are smaller.
 SMALL_RUN = ["--set", "data.seq_len=128", "--set", "data.micro_batch_seqs=2", "--set", "data.batch_tokens=512",
@@ -55,6 +57,10 @@ def speedrun_cmd(*args: str) -> list[str]:
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+# The tests' own torch.compile calls (outside speedrun.prepare) set inductor up as a CPU run does:
+# the vector ISA from the CPU's flags, not test builds in every worker (seconds each)
+trust_cpu_vector_isa()
+
 
 def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
     r = subprocess.run(speedrun_cmd(*args), capture_output=True, text=True, env={**os.environ, **(env or {})},
@@ -75,6 +81,10 @@ def losses(run_dir: Path) -> dict:
 
 
 def pytest_collection_modifyitems(config, items):
+    # Files holding a slow test run first: under `pytest -n auto --dist loadfile`, workers take whole
+    # files in this order, so a minute-long file started last would run on alone at the end.
+    slow_files = {item.path for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: item.path not in slow_files)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
