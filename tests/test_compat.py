@@ -65,6 +65,7 @@ def two_steps_saved(tmp_path_factory):
 PINNED = {"float32": ("float32", "float32"), "bfloat16": ("bfloat16", "bfloat16"), None: ("float32", "bfloat16")}
 
 
+@pytest.mark.slow  # a resumed `speedrun train` process each: about 10 s on 2 cores
 @pytest.mark.parametrize("saved", PINNED)
 def test_auto_dtypes_resume_in_the_dtypes_the_run_trained_in(tmp_path, two_steps_saved, saved):
     """model.activation_dtype and optim.orthogonalize_dtype = "auto" resume in the dtypes state.json

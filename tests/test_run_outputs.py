@@ -31,6 +31,8 @@ import torch
 from conftest import SMALL_RUN, read_metrics, speedrun_cmd
 from speedrun.prepare import cpu_has_fast_bf16
 
+pytestmark = pytest.mark.slow  # its fixtures train in `speedrun train` processes: about 30 s on 2 cores
+
 AUTO_DTYPE = "bfloat16" if cpu_has_fast_bf16() else "float32"  # activation_dtype = "auto" on this CPU
 
 # SMALL_RUN with half its batch (one sequence of 128 per micro-step, two micro-steps), a quarter of

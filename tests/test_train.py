@@ -7,6 +7,7 @@ import pytest
 
 from conftest import SMALL_RUN, losses, read_metrics, run_cli
 
+pytestmark = pytest.mark.slow  # every test trains in `speedrun train` processes: 5-25 s each on 2 cores
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
