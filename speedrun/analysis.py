@@ -519,7 +519,8 @@ def register(sub) -> None:
                                    "figure.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--x", choices=["time", "tokens", "step"], default="time", help="x axis (default: time)")
-    p.add_argument("--out", default="loss.png", metavar="FILE", help="image to write; a directory gets loss.png inside, a name without an extension .png "
+    p.add_argument("--out", default="loss.png", metavar="FILE",
+                   help="image to write; a directory gets loss.png inside, a name without an extension .png "
                         "(default: loss.png)")
     p.add_argument("--target", type=float, metavar="LOSS",
                    help="draw a target line (default: the runs' train.target_val_loss; 0: none)")

@@ -66,8 +66,11 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
 
 def _replace(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def register(sub) -> None:

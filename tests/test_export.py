@@ -98,6 +98,22 @@ def test_export_replaces_an_earlier_export_only_with_overwrite(tmp_path):
     assert not torch.equal(logits(from_pretrained(out)), logits(load_model(first, "cpu")[1]))
 
 
+def test_a_failed_export_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+    """A write that fails halfway (here the weights: a full disk, a kill) replaces nothing and leaves
+    no temporary file behind."""
+    out = export(saved_run(tmp_path / "first", "baseline-tiny"), tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def torn_write(model, filename):
+        Path(filename).write_bytes(b"half a header")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("speedrun.export.save_model", torn_write)
+    with pytest.raises(OSError):
+        export(saved_run(tmp_path / "second", "baseline-tiny", seed=1), out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_tied_head_survives_export(tmp_path):
     run = saved_run(tmp_path / "baseline", "baseline-tiny")
     run_cli("export", str(run), "--out", str(tmp_path / "out"))
