@@ -11,7 +11,7 @@ import pytest
 from conftest import run_cli
 from speedrun.config import ConfigError, load_config, scale_steps, to_dict
 from speedrun.schedule import schedule_rows
-from speedrun.stages import shape_steps, step_plan, tokens_before
+from speedrun.stages import grad_accum, shape_steps, step_plan, tokens_before
 
 PRESET = "gpt2-speedrun"
 
@@ -178,6 +178,18 @@ def test_every_sizing_variant_is_a_valid_config():
         cfg = run_config(["--preset", "tiny", "--device", "cpu", *args])
         steps = args[args.index("--steps") + 1] if "--steps" in args else "180"
         assert cfg.train.steps == int(steps), name
+
+
+def test_alternate_specs_are_labelled_variants_of_a_preset():
+    """benchmarks/alternate.py's specs, as its docstring's equal-cadence comparison writes them: a
+    label, a preset and train's --set overrides, on the CPU."""
+    parse_spec = benchmark_script("alternate").parse_spec
+    label, cfg = parse_spec("tiny@4k=tiny;stages.batch_tokens=[4096,4096,4096,4096];stages.seq_len=[1024,1024,1024,1024]")
+    assert label == "tiny@4k" and cfg.train.device == "cpu"
+    assert [step_plan(s, cfg).batch_tokens for s in (0, 179)] == [4096, 4096]
+    assert grad_accum(step_plan(0, cfg), cfg, 1) == 4
+    assert parse_spec("baseline-tiny")[0] == "baseline-tiny"
+    assert parse_spec("baseline-tiny")[1].data.batch_tokens == 4096
 
 
 def test_warm_up_steps_cover_every_batch_shape_still_to_come():
