@@ -1,3 +1,5 @@
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -67,6 +69,24 @@ def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: in
                        timeout=timeout)
     if check and r.returncode != 0:
         raise AssertionError(f"speedrun {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def run_cli_here(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`speedrun ARGS` through its real entry point (`cli.main`: argument errors, one-line errors,
+    exit codes) in this process, for the quick commands (compare, plot, record, schedule): a process
+    of their own spends about 2.5 s of CPU importing torch."""
+    from speedrun import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(map(str, args)))
+        except SystemExit as e:  # argparse's usage errors and --help
+            code = e.code if isinstance(e.code, int) else 1
+    r = subprocess.CompletedProcess(["speedrun", *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"speedrun {' '.join(map(str, args))} exited {code}:\n{r.stdout}\n{r.stderr}")
     return r
 
 

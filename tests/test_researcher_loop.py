@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import SMALL_RUN, run_cli
+from conftest import SMALL_RUN, run_cli, run_cli_here
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ def runs(tmp_path_factory):
 
 def test_plot_draws_one_val_curve_per_run(runs, tmp_path):
     out = tmp_path / "loss.png"
-    run_cli("plot", *map(str, runs.values()), "--out", str(out), "--x", "tokens")
+    run_cli_here("plot", *map(str, runs.values()), "--out", str(out), "--x", "tokens")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     from speedrun.analysis import load_run, plot_runs
 
@@ -37,7 +37,7 @@ def test_plot_draws_one_val_curve_per_run(runs, tmp_path):
 
 
 def test_compare_lists_every_run_with_ratio_to_the_first(runs):
-    r = run_cli("compare", *map(str, runs.values()), "--json")
+    r = run_cli_here("compare", *map(str, runs.values()), "--json")
     rows = json.loads(r.stdout)["runs"]
     assert [row["run"] for row in rows] == ["tiny-a", "tiny-b", "base"]
     for row, path in zip(rows, runs.values()):
@@ -50,13 +50,13 @@ def test_record_matches_scipy_and_refuses_mixed_configs(runs):
     tiny = [runs["tiny-a"], runs["tiny-b"]]
     losses = [json.loads((p / "summary.json").read_text())["final_val_loss"] for p in tiny]
     target = max(losses) + 0.5
-    r = run_cli("record", *map(str, tiny), "--target", str(target), "--json")
+    r = run_cli_here("record", *map(str, tiny), "--target", str(target), "--json")
     result = json.loads(r.stdout)
     assert result["n"] == 2
     assert result["loss_mean"] == pytest.approx(np.mean(losses))
     assert result["loss_std"] == pytest.approx(statistics.stdev(losses))
     assert result["p"] == pytest.approx(stats.ttest_1samp(losses, target, alternative="less").pvalue)
-    mixed = run_cli("record", str(runs["tiny-a"]), str(runs["base"]), check=False)
+    mixed = run_cli_here("record", str(runs["tiny-a"]), str(runs["base"]), check=False)
     assert mixed.returncode == 2 and "different configs" in mixed.stderr
 
 

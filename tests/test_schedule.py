@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli_here
 from speedrun.cli import main
 from speedrun.config import load_config
 from speedrun.errors import UsageError
@@ -33,7 +33,7 @@ def record_lr(step: int, total: int = T) -> float:
 
 @pytest.fixture(scope="module")
 def record() -> dict:
-    return json.loads(run_cli("schedule", "--preset", "gpt2-speedrun-2025", "--json").stdout)
+    return json.loads(run_cli_here("schedule", "--preset", "gpt2-speedrun-2025", "--json").stdout)
 
 
 def test_record_header(record):
@@ -121,7 +121,7 @@ def test_no_window_and_no_muon():
 
 def test_plot_writes_png(tmp_path):
     path = tmp_path / "schedule.png"
-    r = run_cli("schedule", "--preset", "gpt2-speedrun-2025", "--plot", str(path))
+    r = run_cli_here("schedule", "--preset", "gpt2-speedrun-2025", "--plot", str(path))
     assert r.stdout.strip() == str(path)
     data = path.read_bytes()
     assert len(data) > 1000 and data.startswith(b"\x89PNG")
@@ -129,7 +129,7 @@ def test_plot_writes_png(tmp_path):
 
 def test_plot_bad_folder_is_one_line(tmp_path):
     path = tmp_path / "missing" / "schedule.png"
-    r = run_cli("schedule", "--preset", "gpt2-speedrun-2025", "--plot", str(path), check=False)
+    r = run_cli_here("schedule", "--preset", "gpt2-speedrun-2025", "--plot", str(path), check=False)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert "does not exist" in r.stderr and not path.parent.exists()

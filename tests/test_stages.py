@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli_here
 from speedrun.config import ConfigError, load_config, scale_steps, to_dict
 from speedrun.schedule import schedule_rows
 from speedrun.stages import grad_accum, shape_steps, step_plan, tokens_before
@@ -37,7 +37,7 @@ def record_momentum(step: int) -> float:
 
 @pytest.fixture(scope="module")
 def rows() -> list[dict]:
-    report = json.loads(run_cli("schedule", "--preset", PRESET, "--json").stdout)
+    report = json.loads(run_cli_here("schedule", "--preset", PRESET, "--json").stdout)
     assert report["steps"] == 1285 and len(report["rows"]) == 1286
     return report["rows"]
 
@@ -71,7 +71,7 @@ def test_every_step_follows_the_records_lr_and_momentum(rows):
 
 
 def test_table_prints_the_stages():
-    out = run_cli("schedule", "--preset", PRESET).stdout
+    out = run_cli_here("schedule", "--preset", PRESET).stdout
     assert "stages end at steps 423, 847, 1270; steps 1270..1284 are the extension stage 3" in out
     printed = {int(line.split()[0]) for line in out.splitlines() if line.split() and line.split()[0].isdigit()}
     assert {0, 423, 508, 847, 1235, 1270, 1285} <= printed
@@ -82,7 +82,7 @@ def test_steps_scales_the_stage_ends():
     scale_steps(cfg, 257)  # a fifth of the run
     assert cfg.stages.ends == [85, 169, 254]
     assert cfg.optim.muon_momentum_cooldown_steps == 10 and cfg.optim.muon_momentum_warmup_steps == 60
-    rows = json.loads(run_cli("schedule", "--preset", PRESET, "--steps", "257", "--json").stdout)["rows"]
+    rows = json.loads(run_cli_here("schedule", "--preset", PRESET, "--steps", "257", "--json").stdout)["rows"]
     assert [rows[s]["stage"] for s in (84, 85, 168, 169, 253, 254, 256)] == [0, 1, 1, 2, 2, 3, 3]
 
 
@@ -90,7 +90,7 @@ def test_steps_fewer_than_the_stages_is_refused_and_an_empty_extension_is_said()
     cfg = load_config(PRESET)
     with pytest.raises(ConfigError, match=r"--steps 2 is too short for the 3 stages in stages.ends \[423, 847, 1270\]"):
         scale_steps(cfg, 2)
-    out = run_cli("schedule", "--preset", PRESET, "--set", "train.steps=1270").stdout
+    out = run_cli_here("schedule", "--preset", PRESET, "--set", "train.steps=1270").stdout
     assert "stages end at steps 423, 847, 1270; no extension steps; the lr schedule spans the first 1270 steps" in out
 
 

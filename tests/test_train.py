@@ -5,7 +5,7 @@ import tomllib
 
 import pytest
 
-from conftest import SMALL_RUN, losses, read_metrics, run_cli
+from conftest import SMALL_RUN, losses, read_metrics, run_cli, run_cli_here
 
 pytestmark = pytest.mark.slow  # every test trains in `speedrun train` processes: 5-25 s each on 2 cores
 
@@ -65,10 +65,10 @@ def test_nan_loss_stops_with_the_step_and_nonzero_exit(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["error"].startswith("training loss became")
     assert (out / "log.txt").read_text().splitlines()[-1] == f"failed at step {summary['step']}: {summary['error']}"
-    compare = run_cli("compare", str(out))
+    compare = run_cli_here("compare", str(out))
     assert f"failed at step {summary['step']}" in compare.stdout
-    assert run_cli("plot", str(out), "--out", str(tmp_path / "nan.png")).returncode == 0
-    record = run_cli("record", str(out), str(out), check=False)
+    assert run_cli_here("plot", str(out), "--out", str(tmp_path / "nan.png")).returncode == 0
+    record = run_cli_here("record", str(out), str(out), check=False)
     assert record.returncode == 2 and "a record counts finished runs only" in record.stderr
 
 
