@@ -22,6 +22,7 @@ import shutil
 import tomllib
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,14 +49,22 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Replace `path` with what `write(tmp)` writes to a temporary file beside it, renamed over `path`
+    once it is on disk: a reader finds the old file or the new one, whole, and a write that fails
+    leaves the old file and no temporary one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(path: Path, obj: dict) -> None:
     """Atomically replace `path` with `obj` as JSON."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -250,6 +259,4 @@ def truncate_metrics(path: Path, step: int) -> None:
             if i == len(lines) and not text.endswith("\n"):
                 break  # the line the killed run was writing
             raise DataError(f"{path}: line {i} is not a metrics record (a JSON object with a step)") from None
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))

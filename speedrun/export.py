@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from safetensors.torch import save_model
 
+from speedrun.checkpoint import replace_atomically
 from speedrun.config import to_dict
 from speedrun.errors import UsageError
 from speedrun.loading import CONFIG, WEIGHTS, final_window, load_model
@@ -58,19 +58,10 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     readme = README.format(name=out.name, description=cfg.description or "custom config",
                            window=", ".join(f"{k}={v}" for k, v in final_window(cfg).kwargs().items() if v is not None))
-    _replace(out / WEIGHTS, lambda tmp: save_model(model, str(tmp)))
-    _replace(out / CONFIG, lambda tmp: tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n"))
-    _replace(out / README_FILE, lambda tmp: tmp.write_text(readme))
+    replace_atomically(out / WEIGHTS, lambda tmp: save_model(model, str(tmp)))
+    replace_atomically(out / CONFIG, lambda tmp: tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n"))
+    replace_atomically(out / README_FILE, lambda tmp: tmp.write_text(readme))
     return out
-
-
-def _replace(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def register(sub) -> None:
