@@ -34,10 +34,10 @@ def parse_spec(spec: str) -> tuple[str, Config]:
 
 def alternate(specs: list[str], rounds: int, block: int, start: int) -> dict[str, list[float]]:
     """ms per 1,024 tokens of every round's block of `block` steps from step `start` on, per label."""
+    parsed = [parse_spec(spec) for spec in specs]  # every spec checked before the first compile
     rt = setup("cpu")
     trainers = []
-    for spec in specs:
-        label, cfg = parse_spec(spec)
+    for label, cfg in parsed:
         trainer = Trainer(cfg, rt, label)
         trainer.step = start
         trainer.warm_up(2, until=start + rounds * block)
