@@ -21,7 +21,23 @@ from torch import Tensor, nn
 from speedrun.config import ModelConfig
 
 
-class TokenEmbedding(nn.Embedding):
+def normal_(w: Tensor, mean: float, std: float) -> None:
+    """w.normal_(mean, std), except on the meta device, where there is nothing to draw and torch's
+    normal_ imports torch._dynamo: 1.3-1.7 s of every command that builds the model there before
+    loading its weights (sample, eval, export). Elsewhere the same draws in the same order."""
+    if not w.is_meta:
+        w.normal_(mean, std)
+
+
+class Table(nn.Embedding):
+    """nn.Embedding, its N(0, 1) init drawn by `normal_` (no draw on the meta device)."""
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        normal_(self.weight, 0.0, 1.0)
+
+
+class TokenEmbedding(Table):
     """One row per token id. A tied table is also the head, whose rows are padded so its matmul
     tiles evenly, and so is one that starts as the head's copy and is tied to it for some stages
     (head_init_std); an untied one needs only the vocabulary's rows (as the 2025 record)."""
@@ -33,7 +49,7 @@ class TokenEmbedding(nn.Embedding):
         return super().forward(idx)
 
 
-class PositionEmbedding(nn.Embedding):
+class PositionEmbedding(Table):
     """Learned absolute positions (GPT-2), counted from the first token a KV cache has seen."""
 
     def __init__(self, cfg: ModelConfig):
@@ -159,7 +175,7 @@ class BigramEmbedding(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.table = nn.Embedding(cfg.bigram_vocab, cfg.model_dim)
+        self.table = Table(cfg.bigram_vocab, cfg.model_dim)
         self.sign_rows = cfg.bigram_sign_rows
         if self.sign_rows:
             self.register_buffer("signs", torch.empty(self.sign_rows, cfg.model_dim), persistent=False)
@@ -194,14 +210,14 @@ class LayerValueEmbeddings(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.std = cfg.value_embed_std
-        self.tables = nn.ModuleDict({str(layer): nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.tables = nn.ModuleDict({str(layer): Table(cfg.vocab_size, cfg.model_dim)
                                      for layer in cfg.value_embed_layers})
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         for table in self.tables.values():
-            table.weight.normal_(0.0, self.std)
+            normal_(table.weight, 0.0, self.std)
             table.weight.role = "value_embed"
 
     def forward(self, idx: Tensor) -> dict[int, Tensor]:

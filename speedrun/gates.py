@@ -75,7 +75,7 @@ class Generator(nn.Module):
         bound = 1 / math.sqrt(self.w1.size(1))
         self.w1.uniform_(-bound, bound)
         self.w2.zero_()
-        self.b.copy_(torch.tensor(self.starts) / GENERATOR_SCALE)
+        self.b.copy_(torch.tensor(self.starts)).div_(GENERATOR_SCALE)  # in place: a meta-device division imports torch._dynamo
 
     def forward(self, x: Tensor, scale: float | Tensor) -> Tensor:
         hidden = F.gelu(F.linear(x, self.w1.type_as(x)))

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from speedrun.attention import (NO_WINDOW, SHRINK, attend, build_masks, composable_attention, document_ids, farthest_key,
                                 key_offset, window_rule_block, xsa)
 from speedrun.config import ROLES, ModelConfig
-from speedrun.embed import BigramEmbedding, LayerValueEmbeddings, SmearGate, build_input_embeddings, embed
+from speedrun.embed import BigramEmbedding, LayerValueEmbeddings, SmearGate, Table, build_input_embeddings, embed, normal_
 from speedrun.gates import Gates, attention_layers, gate_layout
 from speedrun.loss import LMHead
 from speedrun.mlp import MLP
@@ -262,7 +262,7 @@ class GPT(nn.Module):
         self.padded_vocab = -(-cfg.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
         dim = cfg.model_dim
         build_input_embeddings(self, cfg, self.padded_vocab)  # wte, and wpe for learned positions
-        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, dim) for _ in range(cfg.value_embeds))
+        self.value_embeds = nn.ModuleList(Table(cfg.vocab_size, dim) for _ in range(cfg.value_embeds))
         self.smear = SmearGate(cfg) if cfg.smear_gate else None
         self.bigram = BigramEmbedding(cfg) if cfg.bigram_vocab else None
         self.layer_value_embeds = LayerValueEmbeddings(cfg) if cfg.value_embed_layers else None
@@ -325,11 +325,11 @@ class GPT(nn.Module):
                 bound = 3 ** 0.5 * 0.5 * w.size(-1) ** -0.5
                 w.uniform_(-bound, bound)
             else:
-                w.normal_(0.0, 0.02 / (2 * cfg.n_layer) ** 0.5 if residual else 0.02)
+                normal_(w, 0.0, 0.02 / (2 * cfg.n_layer) ** 0.5 if residual else 0.02)
 
         for emb in self.modules():
             if isinstance(emb, nn.Embedding):
-                emb.weight.normal_(0.0, 1.0 if speedrun else 0.02)
+                normal_(emb.weight, 0.0, 1.0 if speedrun else 0.02)
         for block in self.blocks:
             if block.attn is not None:
                 matrix(block.attn.qkv)
@@ -382,9 +382,9 @@ class GPT(nn.Module):
         if self.skip_logits is not None:
             self.skip_logits.fill_(-1.5)
         if cfg.head_init_std:
-            self.lm_head.weight.normal_(0.0, cfg.head_init_std)
+            normal_(self.lm_head.weight, 0.0, cfg.head_init_std)
             self.wte.weight.copy_(self.lm_head.weight)
-        if cfg.yarn:
+        if cfg.yarn and not self.yarn_freq.is_meta:  # meta: no values yet, and pow there imports torch._dynamo
             self.set_yarn([])
 
     @torch.no_grad()

@@ -2,6 +2,8 @@
 the tiny preset memorising one batch."""
 
 import math
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 import speedrun.attention
 import speedrun.prepare
 from speedrun.attention import NO_WINDOW
-from speedrun.config import load_config
+from speedrun.config import load_config, preset_names
 from speedrun.data.tokenizer import EOT
 from speedrun.model import GPT, Attention
 from speedrun.rotary import rotary_tables
@@ -272,6 +274,21 @@ def test_meta_build_then_materialise():
     model.init_weights()
     loss = model(batch(), batch().long(), window_tokens=256)
     assert loss.item() == pytest.approx(math.log(50257), abs=1e-4)
+
+
+def test_meta_builds_leave_the_compiler_unimported():
+    """`speedrun sample`, `eval` and `export` build the model on the meta device, then load its
+    weights. Drawing values there (normal_), or dividing or raising to a power, imports torch._dynamo:
+    1.3-1.7 s of their start-up. No preset's build does (in a fresh process: this one has compiled)."""
+    code = ("import sys, torch\n"
+            "from speedrun.config import load_config, preset_names\n"
+            "from speedrun.model import GPT\n"
+            "for name in preset_names():\n"
+            "    with torch.device('meta'):\n"
+            "        GPT(load_config(name).model)\n"
+            "print(len(preset_names()), sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.split(maxsplit=1) == [str(len(preset_names())), "[]\n"]
 
 
 # The attention kernels' operands, by their schema names: their backward also reads float32
