@@ -167,6 +167,19 @@ def read_state(ckpt: Path) -> dict:
     return state
 
 
+def load_weights(model: torch.nn.Module, path: Path, device: str = "cpu") -> None:
+    """`path`'s weights into `model`, which must have every key and shape the file has; else one
+    DataError line that names what differs (torch's message puts that on the lines after its first)."""
+    try:
+        load_model(model, str(path), strict=True, device=device)
+    except Exception as e:  # safetensors raises several types; all mean the same thing here
+        lines = [line.strip() for line in str(e).strip().splitlines()]
+        detail = "; ".join(line for line in lines[1:] if line) if lines[0].startswith("Error(s) in loading") else ""
+        if len(detail) > 300:
+            detail = detail[:300] + "..."
+        raise DataError(f"{path}: cannot load weights ({detail or first_line(e)})") from None
+
+
 def load(ckpt: Path, model: torch.nn.Module, optimizers: list, rt: Runtime) -> dict:
     """Restore weights, optimizer and RNG states in place; return the trainer state (step, clock,
     loader position)."""
@@ -175,10 +188,7 @@ def load(ckpt: Path, model: torch.nn.Module, optimizers: list, rt: Runtime) -> d
     if isinstance(clock, bool) or not isinstance(clock, (int, float)) or problem:
         raise DataError(f"{ckpt / 'state.json'}: not a readable checkpoint state "
                         f"({problem or 'train_time_ms is not a number'})")
-    try:
-        load_model(model, str(ckpt / "model.safetensors"), strict=True)
-    except Exception as e:  # safetensors raises several types; all mean the same thing here
-        raise DataError(f"{ckpt / 'model.safetensors'}: cannot load weights ({first_line(e)})") from None
+    load_weights(model, ckpt / "model.safetensors")
     rank_files = sorted(ckpt.glob("rank_*.pt"))
     if len(rank_files) != state["world_size"]:
         raise DataError(f"{ckpt}: expected {state['world_size']} rank files, found {len(rank_files)}")

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model as load_weights
 
 from speedrun import checkpoint
 from speedrun.attention import Windows
@@ -29,10 +28,7 @@ def _build(cfg: Config, weights: Path, device: torch.device) -> GPT:
         model = GPT(cfg.model)
     model.to_empty(device=device)
     model.init_derived_buffers()
-    try:
-        load_weights(model, str(weights), strict=True, device=str(device))
-    except Exception as e:  # safetensors raises several types; all mean the same thing here
-        raise DataError(f"{weights}: cannot load weights ({first_line(e)})") from None
+    checkpoint.load_weights(model, weights, str(device))
     return model.eval()
 
 

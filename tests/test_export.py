@@ -2,17 +2,19 @@
 give back the same model, in eval mode and float32, with identical logits."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import run_cli
 from speedrun import checkpoint
 from speedrun.config import load_config, to_dict
 from speedrun.data.tokenizer import EOT
 from speedrun.distributed import Runtime
+from speedrun.errors import DataError
 from speedrun.export import export, from_pretrained  # from_pretrained: the import exported READMEs show
 from speedrun.loading import final_window, load_model
 from speedrun.model import GPT
@@ -140,3 +142,31 @@ def test_missing_checkpoint_is_one_line_usage_error(tmp_path):
                                     f"with checkpoints/step_*, a checkpoint directory or a folder written by "
                                     f"`speedrun export`)")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage,detail", [
+    ("missing", 'Missing key(s) in state_dict: "blocks.0.mlp.fc.weight"'),
+    ("unexpected", 'Unexpected key(s) in state_dict: "extra.weight"'),
+    ("shape", "size mismatch for blocks.0.mlp.fc.weight: copying a param with shape torch.Size([3, 128]) from "
+              "checkpoint, the shape in current model is torch.Size([512, 128])."),
+])
+def test_weights_that_do_not_fit_the_config_are_one_line_naming_the_key(run, tmp_path, damage, detail):
+    """Loading for sample/eval/export and resuming a run both say which key differs: torch's message
+    has it on the lines after its first ("Error(s) in loading state_dict for GPT:")."""
+    run = Path(shutil.copytree(run, tmp_path / "run"))
+    ckpt = checkpoint.list_checkpoints(run)[-1]
+    path = ckpt / "model.safetensors"
+    tensors = load_file(str(path))
+    if damage == "missing":
+        del tensors["blocks.0.mlp.fc.weight"]
+    elif damage == "unexpected":
+        tensors["extra.weight"] = torch.zeros(2)
+    else:
+        tensors["blocks.0.mlp.fc.weight"] = tensors["blocks.0.mlp.fc.weight"][:3].contiguous()
+    save_file(tensors, str(path))
+    expected = f"{path}: cannot load weights ({detail})"
+    with pytest.raises(DataError) as loading:
+        load_model(run, device="cpu")
+    with pytest.raises(DataError) as resuming:
+        checkpoint.load(ckpt, GPT(checkpoint.read_config(ckpt).model), [], Runtime(0, 1, 0, torch.device("cpu")))
+    assert str(loading.value) == str(resuming.value) == expected
