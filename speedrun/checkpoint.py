@@ -173,8 +173,8 @@ def load_weights(model: torch.nn.Module, path: Path, device: str = "cpu") -> Non
     try:
         load_model(model, str(path), strict=True, device=device)
     except Exception as e:  # safetensors raises several types; all mean the same thing here
-        lines = [line.strip() for line in str(e).strip().splitlines()]
-        detail = "; ".join(line for line in lines[1:] if line) if lines[0].startswith("Error(s) in loading") else ""
+        header, *rest = str(e).strip().splitlines() or [""]
+        detail = "; ".join(line.strip() for line in rest if line.strip()) if header.startswith("Error(s) in loading") else ""
         if len(detail) > 300:
             detail = detail[:300] + "..."
         raise DataError(f"{path}: cannot load weights ({detail or first_line(e)})") from None
