@@ -378,6 +378,7 @@ def run_one(spec: Spec, arm: Arm, seed: int, folder: Path, launch: Callable[[lis
         print(f"{tag} {arm.name} seed {seed}: finished earlier, {_describe(read_result(arm, seed, folder))}", flush=True)
         return
     rundir.prepare(str(folder), None, overwrite=True)
+    rundir.release()  # the run claims its folder itself
     argv = train_argv(spec, arm, seed, folder)
     record = {"command": ["speedrun", "train", *argv], **code_version(), "started": _now()}
     write_json(folder / LAUNCH_FILE, record)

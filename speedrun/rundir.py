@@ -5,10 +5,16 @@ never written into by a new run: `--resume` continues that run, `--overwrite` de
 first, and anything else is refused before any work starts. Default directories are
 `runs/<timestamp>`, created atomically, with a numbered suffix when another run took the name
 in the same second.
+
+A run also claims its directory for as long as it runs (an advisory lock on the folder itself,
+flock, which the system drops when the process ends, however it ends): a second `speedrun train`
+into it, whether resuming or overwriting, is refused rather than interleaving its files with the
+first's. Where the system has no flock (Windows) or the file system refuses one, runs go unclaimed.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from datetime import datetime
@@ -49,8 +55,44 @@ def _check_writable(folder: Path) -> None:
         raise UsageError(f"--out {folder}: cannot write there ({e.strerror or e})") from None
 
 
+# this process's claims (open descriptors of the claimed folders, each holding its flock)
+_claims: dict[Path, int] = {}
+
+
+def claim(folder: Path) -> None:
+    """Hold `folder` for this process until `release` or the process's end (module docstring); a
+    UsageError if another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return
+    key = folder.resolve()
+    if key in _claims:
+        return
+    try:
+        fd = os.open(key, os.O_RDONLY)
+    except OSError:  # not a folder (yet): what uses it says so
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise UsageError(f"{folder}: another speedrun train is running in this run directory; wait for it "
+                             "to end or choose another --out") from None
+        return  # a file system without flock: unclaimed, as before claims existed
+    _claims[key] = fd
+
+
+def release() -> None:
+    """Give up every folder this process claimed."""
+    while _claims:
+        os.close(_claims.popitem()[1])
+
+
 def prepare(out: str | None, resume: str | None, overwrite: bool) -> Path:
-    """The run directory for `speedrun train`, checked before any model is built."""
+    """The run directory for `speedrun train`, checked and claimed (module docstring) before any
+    model is built."""
     if resume and overwrite:
         raise UsageError("--resume continues a run and --overwrite deletes one; give one of them")
     resumed_run = None
@@ -59,7 +101,9 @@ def prepare(out: str | None, resume: str | None, overwrite: bool) -> Path:
         # a checkpoint (RUN/checkpoints/step_N) resumes into its own run directory
         resumed_run = target.parent.parent if (target / "state.json").is_file() else target
     if out is None:
-        return resumed_run if resumed_run is not None else new_default()
+        folder = resumed_run if resumed_run is not None else new_default()
+        claim(folder)
+        return folder
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--out {folder}: exists and is not a folder")
@@ -67,12 +111,13 @@ def prepare(out: str | None, resume: str | None, overwrite: bool) -> Path:
     if held and resumed_run is not None and folder.resolve() != resumed_run.resolve():
         raise UsageError(f"--out {folder} already holds another run ({', '.join(held)}); resume {resume} into its "
                          "own directory (leave out --out) or into an empty one")
-    if held and not resume:
-        if not overwrite:
-            raise UsageError(f"--out {folder} already holds a run ({', '.join(held)}); continue it with --resume "
-                             f"{folder}, delete its results with --overwrite, or choose another --out")
+    if held and not resume and not overwrite:
+        raise UsageError(f"--out {folder} already holds a run ({', '.join(held)}); continue it with --resume "
+                         f"{folder}, delete its results with --overwrite, or choose another --out")
+    _check_writable(folder)
+    claim(folder)
+    if overwrite:
         for name in held:
             path = folder / name
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else os.remove(path)
-    _check_writable(folder)
     return folder

@@ -510,6 +510,7 @@ def run(cfg: Config, options: RunOptions) -> dict:
             raise
         return _finish(trainer, log, run_dir, val_loss, warm)
     finally:
+        rundir.release()
         teardown()
 
 
@@ -665,7 +666,8 @@ def register(sub) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key, e.g. --set model.n_layer=4 (repeatable)")
     p.add_argument("--data", help="directory of .bin shards (default: the preset's data.dir; empty means the built-in corpus)")
     p.add_argument("--out", help="run directory (default runs/<timestamp>, or the resumed run's); one that already "
-                                 "holds a run is refused unless --resume or --overwrite")
+                                 "holds a run is refused unless --resume or --overwrite, and one another run is "
+                                 "training in is refused")
     p.add_argument("--overwrite", action="store_true", help="delete the results already in --out before training")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

@@ -1,11 +1,13 @@
 """End-to-end runs of `speedrun train` on CPU: outputs, resume, failure paths."""
 
 import json
+import subprocess
+import time
 import tomllib
 
 import pytest
 
-from conftest import SMALL_RUN, losses, read_metrics, run_cli, run_cli_here
+from conftest import SMALL_RUN, losses, read_metrics, run_cli, run_cli_here, speedrun_cmd
 
 pytestmark = pytest.mark.slow  # every test trains in `speedrun train` processes: 5-25 s each on 2 cores
 
@@ -144,6 +146,36 @@ def test_overwrite_removes_the_old_results_first(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001"]  # not step_000002 beside it
     assert [m["step"] for m in read_metrics(out)] == [1, 1]  # the new run's train and final val records only
     assert (out / "notes.txt").read_text() == "mine"  # only what a run writes is removed
+
+
+def test_a_running_run_holds_its_directory(tmp_path):
+    """While a run trains, its directory is claimed: another `speedrun train` into it, overwriting
+    or resuming, is refused before it touches a file; the claim ends with the process, even killed."""
+    from speedrun import rundir
+    from speedrun.errors import UsageError
+
+    run = tmp_path / "run"
+    first = subprocess.Popen(speedrun_cmd("train", "--preset", "tiny-2025", "--steps", "1000", "--val-every", "0",
+                                          "--out", str(run), *SMALL_RUN), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "config.toml").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert first.poll() is None and (run / "config.toml").exists()
+        refusal = (f"speedrun train: error: {run}: another speedrun train is running in this run directory; "
+                   "wait for it to end or choose another --out")
+        for how in (["--overwrite"], ["--resume", "auto"]):
+            r = run_cli("train", "--preset", "tiny-2025", "--out", str(run), *how, *SMALL_RUN, check=False)
+            assert r.returncode == 2 and r.stderr.strip().splitlines() == [refusal], how
+            assert (run / "config.toml").exists() and first.poll() is None
+        with pytest.raises(UsageError, match="another speedrun train is running"):
+            rundir.claim(run)
+    finally:
+        first.kill()
+        first.wait()
+    rundir.claim(run)  # the killed run's claim went with it
+    rundir.release()
 
 
 def test_default_run_directories_never_collide(tmp_path):
