@@ -143,18 +143,22 @@ def _softcap(z: Tensor, cap: float, temperature: float, shift: float) -> tuple[T
     return cap * squashed, squashed
 
 
-def _softcapped_loss_and_grad_(logits: Tensor, targets: Tensor, cap: float, temperature: float, shift: float,
-                               scale: Tensor) -> Tensor:
-    """Rows of head outputs (rows, vocab) and their targets -> the sum of the rows' cross-entropies
-    after LMHead's softcap; `logits` is overwritten with scale · d(that sum)/d(logits). `scale` is a
-    0-d float32 tensor, so that another batch size does not compile another graph."""
-    z = logits.float()
+def _softcapped_loss_and_grad_(logits: Tensor, targets: Tensor, target_logits: Tensor, cap: float,
+                               temperature: float, shift: float, scale: Tensor) -> Tensor:
+    """Rows of head outputs (rows, vocab), their targets and the targets' head outputs (rows) -> the
+    sum of the rows' cross-entropies after LMHead's softcap; `logits` is overwritten with
+    scale · d(that sum)/d(logits). `scale` is a 0-d float32 tensor, so that another batch size does
+    not compile another graph. The target logits come gathered, not read here from `logits`: inductor
+    up to torch 2.12 (seen on 2.9.1 and 2.11.0, not on 2.13.0) ordered that gather after the write
+    to `logits`, so without a softcap the loss was computed from the gradient (the gradient itself right)."""
+    z, z_target = logits.float(), target_logits.float()
     if cap > 0:
         z, squashed = _softcap(z, cap, temperature, shift)
+        z_target = _softcap(z_target, cap, temperature, shift)[0]
     # softcapped logits lie in (0, cap): below BOUNDED_CAP their exponentials cannot overflow a float32
     # sum, and the pass for the row's max that logsumexp makes is saved
     lse = z.exp().sum(-1, keepdim=True).log() if 0 < cap <= BOUNDED_CAP else z.logsumexp(-1, keepdim=True)
-    losses = lse.squeeze(-1) - z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    losses = lse.squeeze(-1) - z_target
     onehot = torch.arange(z.size(-1), device=z.device) == targets.unsqueeze(-1)
     grad = (z - lse).exp() - onehot.float()
     if cap > 0:
@@ -181,10 +185,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_logits = rows @ w.t()  # the logits, each chunk replaced by its gradient as it is done
         flat_targets, total = targets.reshape(-1), grad_logits.new_zeros((), dtype=torch.float32)
         scale = torch.tensor(1 / rows.size(0), dtype=torch.float32, device=rows.device)
+        target_logits = grad_logits.gather(-1, flat_targets.unsqueeze(-1)).squeeze(-1)
         loss_and_grad_ = _compiled_loss_and_grad_()
         for start in range(0, rows.size(0), head.chunk_rows):
             chunk = slice(start, start + head.chunk_rows)
-            total += loss_and_grad_(grad_logits[chunk], flat_targets[chunk], cfg.logit_softcap,
+            total += loss_and_grad_(grad_logits[chunk], flat_targets[chunk], target_logits[chunk], cfg.logit_softcap,
                                     cfg.softcap_temperature, cfg.softcap_shift, scale)
         ctx.save_for_backward(rows, w, grad_logits)
         ctx.x_shape, ctx.weight_shape, ctx.weight_dtype = x.shape, weight.shape, weight.dtype
