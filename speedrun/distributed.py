@@ -38,9 +38,11 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
 def use_expandable_segments() -> None:
     """The record's allocator setting: growing segments instead of fixed blocks, so the changing
     shapes of validation and training do not fragment GPU memory. It is read when CUDA first
-    allocates, so it must be set before that; a user's own setting wins."""
+    allocates, so it must be set before that; a user's own setting wins. Under its name since torch
+    2.9, PYTORCH_ALLOC_CONF: torch 2.9 warns on every start of a process that sets the old
+    PYTORCH_CUDA_ALLOC_CONF, on CPU too."""
     if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+        os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
 
 
 def backend_name() -> str:

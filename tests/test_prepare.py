@@ -78,10 +78,30 @@ def test_the_cli_keeps_compiled_kernels_under_speedrun_cache(tmp_path, user_dir)
     assert out.stdout.splitlines()[-1] == str(tmp_path / (user_dir or "cache/inductor"))
 
 
+@pytest.mark.parametrize("user_setting", [None, "PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"])
+def test_the_allocator_grows_segments_unless_the_user_chose(monkeypatch, user_setting):
+    """The record's expandable segments, under the variable's name since torch 2.9 (the old one
+    makes torch 2.9 print a warning in every process); a setting of the user's, under either name,
+    stays the only one."""
+    from speedrun.distributed import use_expandable_segments
+
+    names = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    if user_setting is not None:
+        monkeypatch.setenv(user_setting, "garbage_collection_threshold:0.8")
+    use_expandable_segments()
+    expected = {user_setting: "garbage_collection_threshold:0.8"} if user_setting else \
+        {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}
+    assert {name: os.environ[name] for name in names if name in os.environ} == expected
+
+
 @pytest.mark.parametrize("user_setting", [None, "1"])
 def test_mix_order_reduction_is_off_unless_the_user_chose(monkeypatch, user_setting):
     import torch._inductor.config as inductor_config
 
+    if not hasattr(inductor_config.triton, "mix_order_reduction"):
+        pytest.skip("this torch's inductor has no mix-order reduction (new in 2.10)")
     if user_setting is None:
         monkeypatch.delenv("TORCHINDUCTOR_MIX_ORDER_REDUCTION", raising=False)
     else:
