@@ -149,8 +149,8 @@ def _softcapped_loss_and_grad_(logits: Tensor, targets: Tensor, target_logits: T
     sum of the rows' cross-entropies after LMHead's softcap; `logits` is overwritten with
     scale · d(that sum)/d(logits). `scale` is a 0-d float32 tensor, so that another batch size does
     not compile another graph. The target logits come gathered, not read here from `logits`: inductor
-    up to torch 2.12 (seen on 2.9.1 and 2.11.0, not on 2.13.0) ordered that gather after the write
-    to `logits`, so without a softcap the loss was computed from the gradient (the gradient itself right)."""
+    in torch 2.9.1 and 2.11.0 (not 2.13.0) ordered that gather after the write to `logits`, so without
+    a softcap the loss was computed from the gradient (the gradient itself right)."""
     z, z_target = logits.float(), target_logits.float()
     if cap > 0:
         z, squashed = _softcap(z, cap, temperature, shift)
