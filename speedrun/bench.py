@@ -18,7 +18,7 @@ import tempfile
 
 import torch
 
-from speedrun.config import COMPILE_HELP, load_config
+from speedrun.config import COMPILE_HELP, default_preset, load_config
 from speedrun.errors import UsageError
 from speedrun.prepare import graphs_compiled
 from speedrun.distributed import setup, teardown
@@ -122,8 +122,6 @@ def register(sub) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from speedrun.train import default_preset
-
     if args.steps < 1 or args.warmup < 0 or args.at < 0:
         raise UsageError(f"--steps must be at least 1, --warmup and --at at least 0, got {args.steps}, {args.warmup} "
                          f"and {args.at}")

@@ -4,7 +4,9 @@ a preset's name."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import math
 import tomllib
 import typing
@@ -438,6 +440,35 @@ def load_config(preset: str | None = None, file: str | Path | None = None, overr
     validate(cfg)
     return cfg
 
+
+
+def default_preset() -> str:
+    """The preset of a command given neither --preset nor --config: the record's with a CUDA device,
+    else tiny."""
+    import torch  # here, not at the top: the CLI imports this module for every command
+
+    return "gpt2-speedrun" if torch.cuda.is_available() else "tiny"
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """--preset, --config and --set, as `speedrun train` takes them, for a command that builds a run's
+    config with config_from_args."""
+    p.add_argument("--preset", help="preset name (see `speedrun presets`; default: gpt2-speedrun with a CUDA device, "
+                                    "else tiny)")
+    p.add_argument("--config", metavar="FILE",
+                   help='a TOML config file (may name the preset it builds on with base = "...")')
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key, e.g. --set model.n_layer=4 (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace, flag_keys: dict[str, str] | None = None) -> Config:
+    """The config that add_config_arguments' options name (default_preset where neither --preset nor
+    --config is given), then every flag of `flag_keys` (flag: the one config key it stands for) that
+    the command line gives."""
+    preset = args.preset if args.preset or args.config else default_preset()
+    flags = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in (flag_keys or {}).items()
+             if getattr(args, flag) is not None]
+    return load_config(preset, args.config, [*args.set, *flags])
 
 def scale_steps(cfg: Config, steps: int) -> None:
     """Shorten or lengthen a run: every step-counted schedule keeps its fraction of the run.

@@ -14,12 +14,13 @@ functions: the CLI imports this module for every command.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+
+from speedrun.config import add_config_arguments, config_from_args, default_preset
 
 OK, FAIL, INFO = "ok", "FAIL", "info"
 Line = tuple[str, str]
@@ -514,16 +515,8 @@ def _other_ranks_failures(ctx: Context) -> list[str]:
 
 def resolve(args: argparse.Namespace):
     """(config, label) from the command line, as `speedrun train` resolves them."""
-    from speedrun.config import load_config
-
-    preset, label = args.preset, args.preset or args.config
-    if preset is None and args.config is None:
-        from speedrun.train import default_preset
-        preset = default_preset()
-        label = f"{preset} (the default preset here)"
-    flags = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in FLAG_KEYS.items()
-             if getattr(args, flag) is not None]
-    return load_config(preset, args.config, [*args.set, *flags]), label
+    label = args.preset or args.config or f"{default_preset()} (the default preset here)"
+    return config_from_args(args, FLAG_KEYS), label
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
@@ -574,9 +567,7 @@ def register(sub) -> None:
                        description="Check versions, device, dtype, attention (with a compiled FlexAttention "
                                    "self-test), FP8, the process group (under torchrun), the data and the compile "
                                    "cache for a config, one line per check. Exits 1 if any check fails.")
-    p.add_argument("--preset", help="preset name (default: as `speedrun train`: tiny on CPU, gpt2-speedrun on CUDA)")
-    p.add_argument("--config", help="a TOML config file (may name the preset it builds on with base = \"...\")")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key (repeatable)")
+    add_config_arguments(p)
     p.add_argument("--data", help="directory of .bin shards (default: the config's data.dir; empty: the built-in "
                                   "corpus)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from speedrun.attention import NO_WINDOW, SHRINK, window_blocks
-from speedrun.config import Config, load_config, scale_steps
+from speedrun.config import Config, add_config_arguments, config_from_args, default_preset, scale_steps
 from speedrun.errors import SpeedrunError, UsageError
 from speedrun.optim import schedule_at
 from speedrun.stages import head_tied_at, step_plan, window_at
@@ -229,9 +229,7 @@ def register(sub) -> None:
                        description="Print the stage, lr multiplier, Muon momentum, attention windows, tokens per step, "
                                    "sequence length and maximum document length at every step of a preset, as "
                                    "training computes them. Needs no GPU and no data.")
-    p.add_argument("--preset", default=None, help="preset (default: gpt2-speedrun with a CUDA device, else tiny)")
-    p.add_argument("--config", default=None, metavar="FILE", help="a TOML config file, as for `speedrun train`")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
+    add_config_arguments(p)
     p.add_argument("--steps", type=int, default=None, metavar="N", help="scale the run to N steps, as `speedrun train --steps`")
     p.add_argument("--every", type=int, default=None, metavar="N",
                    help="print every Nth row (and the last) instead of the rows where a value changes")
@@ -243,22 +241,17 @@ def register(sub) -> None:
 def _label(preset: str | None, config: str | None) -> str:
     if preset and config:
         return f"{preset} + {config}"
-    return preset or config
+    return preset or config or default_preset()
 
 
 def _cmd_schedule(args: argparse.Namespace) -> int:
     if args.every is not None and args.every <= 0:
         raise UsageError(f"--every must be positive, got {args.every}")
     out = check_plot_path(args.plot) if args.plot else None
-    preset = args.preset
-    if preset is None and args.config is None:
-        from speedrun.train import default_preset  # imported here: speedrun.train is slow to import
-
-        preset = default_preset()
-    cfg = load_config(preset, args.config, args.set)
+    cfg = config_from_args(args)
     if args.steps is not None:
         scale_steps(cfg, args.steps)
-    label, rows = _label(preset, args.config), schedule_rows(cfg)
+    label, rows = _label(args.preset, args.config), schedule_rows(cfg)
     if out is not None:
         try:
             plot_schedule(label, rows).savefig(out)

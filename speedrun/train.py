@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import sys
 import time
@@ -20,7 +19,8 @@ import torch.distributed as dist
 
 from speedrun import analysis, checkpoint, rundir
 from speedrun.attention import attention_backend
-from speedrun.config import COMPILE_HELP, SECTIONS, Config, load_config, scale_steps, to_dict, to_toml, validate
+from speedrun.config import (COMPILE_HELP, SECTIONS, Config, add_config_arguments, config_from_args, default_preset,
+                             scale_steps, to_dict, to_toml, validate)
 from speedrun.data import shards
 from speedrun.data.corpus import builtin_corpus_dir
 from speedrun.data.loader import TrainLoader, find_shards, val_batches, val_fingerprint
@@ -41,24 +41,17 @@ class TrainingDiverged(SpeedrunError):
     pass
 
 
-def default_preset() -> str:
-    return "gpt2-speedrun" if torch.cuda.is_available() else "tiny"
-
-
 # Command-line flags that are shorthands for one config key each.
 FLAG_KEYS = {"data": "data.dir", "device": "train.device", "compile": "train.compile", "seed": "train.seed",
              "save_every": "train.save_every", "keep": "train.keep"}
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    preset = args.preset
-    if preset is None and args.config is None:
+    if args.preset is None and args.config is None:
         preset = default_preset()
         print(f"speedrun train: no --preset given; using '{preset}' "
               f"({'a CUDA device is present' if preset != 'tiny' else 'no CUDA device'})")
-    flags = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in FLAG_KEYS.items()
-             if getattr(args, flag) is not None]
-    cfg = load_config(preset, args.config, [*(args.set or []), *flags])
+    cfg = config_from_args(args, FLAG_KEYS)
     if args.steps is not None:
         scale_steps(cfg, args.steps)
     if args.val_every is not None:  # after scaling: an explicit interval is taken as given
@@ -661,9 +654,7 @@ def register(sub) -> None:
                        description="Train a GPT. With no arguments: preset 'tiny' on the built-in corpus on CPU, "
                                    "'gpt2-speedrun' on FineWeb when CUDA is present. Run under torchrun for several "
                                    "processes or nodes.")
-    p.add_argument("--preset", help="preset name (see `speedrun presets`)")
-    p.add_argument("--config", help="a TOML config file (may name the preset it builds on with base = \"...\")")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key, e.g. --set model.n_layer=4 (repeatable)")
+    add_config_arguments(p)
     p.add_argument("--data", help="directory of .bin shards (default: the preset's data.dir; empty means the built-in corpus)")
     p.add_argument("--out", help="run directory (default runs/<timestamp>, or the resumed run's); one that already "
                                  "holds a run is refused unless --resume or --overwrite, and one another run is "
@@ -688,7 +679,7 @@ def register(sub) -> None:
 
 def asked_keys(args: argparse.Namespace) -> set[str]:
     """The config keys the command line names. A --preset or --config names every key ("*")."""
-    keys = {text.split("=", 1)[0].strip() for text in args.set or []}
+    keys = {text.split("=", 1)[0].strip() for text in args.set}
     keys |= {key for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
     keys |= {key for flag, key in (("steps", "train.steps"), ("val_every", "train.val_every"))
              if getattr(args, flag) is not None}
