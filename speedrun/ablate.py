@@ -253,9 +253,7 @@ def prepare_out(out: str | None, spec: Spec, configs: dict[str, Config]) -> tupl
     if out is None:
         folder = rundir.new_default(Path("runs") / f"ablate-{spec.preset}")
     else:
-        folder = Path(out)
-        if folder.exists() and not folder.is_dir():
-            raise UsageError(f"--out {folder}: exists and is not a folder")
+        folder = rundir.check_folder(out)
         if folder.is_dir() and any(folder.iterdir()):
             saved = _read_saved_spec(folder)
             if saved is None:
@@ -267,10 +265,7 @@ def prepare_out(out: str | None, spec: Spec, configs: dict[str, Config]) -> tupl
                                  "ablation's command to finish it, or choose another --out")
             _check_finished_configs(folder, spec, configs)
             return folder, True
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"--out {folder}: cannot create it ({e.strerror or e})") from None
+        rundir.make_folder(folder)
     write_json(folder / SPEC_FILE, {"spec": spec.to_json(), "created": _now()})
     return folder, False
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from speedrun.config import from_dict, to_dict
 from speedrun.errors import DataError, UsageError
+from speedrun.rundir import make_folder
 
 # Keys that change how a run is executed or logged but not what it computes; runs that differ only
 # here count as repeats of one config. The description is prose, not a hyperparameter.
@@ -424,7 +425,7 @@ def save_figure(fig, out: Path) -> Path:
         out = out / "loss.png"
     elif not out.suffix:
         out = out.with_name(out.name + ".png")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(out.parent, f"--out {out}: its folder")
     try:
         fig.savefig(out)
     except ValueError as e:  # an extension matplotlib cannot write

@@ -13,6 +13,7 @@ from speedrun.checkpoint import replace_atomically
 from speedrun.config import to_dict
 from speedrun.errors import UsageError
 from speedrun.loading import CONFIG, WEIGHTS, final_window, load_model
+from speedrun.rundir import check_folder, make_folder
 # The READMEs of exported folders tell users to import from_pretrained from here: keep that working.
 from speedrun.loading import from_pretrained
 
@@ -47,15 +48,13 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write the model of `path` (a run, a checkpoint or an export) into the folder `out`. An earlier
     export there is replaced only with `overwrite`; each file is written beside its final name and
     renamed over it, so an interrupted export leaves the earlier files whole."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a folder")
+    out = check_folder(out)
     held = [name for name in FILES if (out / name).exists()]
     if held and not overwrite:
         raise UsageError(f"--out {out} already holds an export ({', '.join(held)}); replace it with --overwrite, "
                          f"or choose another --out")
     cfg, model = load_model(path, "cpu")
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     readme = README.format(name=out.name, description=cfg.description or "custom config",
                            window=", ".join(f"{k}={v}" for k, v in final_window(cfg).kwargs().items() if v is not None))
     replace_atomically(out / WEIGHTS, lambda tmp: save_model(model, str(tmp)))

@@ -1,4 +1,5 @@
-"""The run directory: which one a run writes to, and the rule that keeps results from mixing.
+"""The run directory: which one a run writes to, and the rule that keeps results from mixing; and
+the check every command makes of a folder it will write (check_folder, make_folder).
 
 A directory that already holds a run's results (config, log, metrics, summary, checkpoints) is
 never written into by a new run: `--resume` continues that run, `--overwrite` deletes its results
@@ -45,9 +46,32 @@ def new_default(root: Path = Path("runs")) -> Path:
     raise UsageError(f"{root}: could not create a new run directory for {stamp}")
 
 
-def _check_writable(folder: Path) -> None:
+def check_folder(folder: str | Path, option: str = "--out") -> Path:
+    """Refuse, in one line naming `option`, an output folder with a file in its place or above it,
+    before any work; nothing is created."""
+    folder = Path(folder)
+    for above in [folder, *folder.parents]:
+        if above.exists():
+            if not above.is_dir():
+                raise UsageError(f"{option} {folder}: " + ("exists and is not a folder" if above == folder
+                                                           else f"{above} is a file, not a folder"))
+            break
+    return folder
+
+
+def make_folder(folder: str | Path, option: str = "--out") -> Path:
+    """Any command's output folder, made with its parents, or one line naming `option` and why not."""
+    folder = check_folder(folder, option)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{option} {folder}: cannot create it ({e.strerror or e})") from None
+    return folder
+
+
+def _check_writable(folder: Path) -> None:
+    make_folder(folder)
+    try:
         probe = folder / ".speedrun-write-test"
         probe.write_text("")
         probe.unlink()
@@ -104,9 +128,7 @@ def prepare(out: str | None, resume: str | None, overwrite: bool) -> Path:
         folder = resumed_run if resumed_run is not None else new_default()
         claim(folder)
         return folder
-    folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"--out {folder}: exists and is not a folder")
+    folder = check_folder(out)
     held = results_in(folder) if folder.is_dir() else []
     if held and resumed_run is not None and folder.resolve() != resumed_run.resolve():
         raise UsageError(f"--out {folder} already holds another run ({', '.join(held)}); resume {resume} into its "

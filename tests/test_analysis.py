@@ -92,6 +92,16 @@ def test_plot_prints_the_file_it_wrote(tmp_path, monkeypatch, capsys, out, writt
         == [written]
 
 
+
+def test_plot_into_a_folder_that_is_a_file_is_one_line(tmp_path, monkeypatch, capsys):
+    run = make_run(tmp_path / "a")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert speedrun(monkeypatch, "plot", run, "--out", afile / "curve.png") == 2
+    assert capsys.readouterr().err.strip() == (f"speedrun plot: error: --out {afile / 'curve.png'}: its folder "
+                                               f"{afile}: exists and is not a folder")
+    assert afile.read_text() == "x"
+
 def test_compare_interpolates_time_to_loss_and_ratios(tmp_path, monkeypatch, capsys):
     a = make_run(tmp_path / "a", val=[(0, 0.0, 10.8), (100, 10_000.0, 4.0), (200, 20_000.0, 3.5), (300, 30_000.0, 3.2)],
                  steps=300)

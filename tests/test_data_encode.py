@@ -9,7 +9,7 @@ import pytest
 
 from speedrun.data.encode import tokenize_files
 from speedrun.data.tokenizer import EOT, gpt2
-from speedrun.errors import DataError
+from speedrun.errors import DataError, UsageError
 
 TEXT = "A plain text file is one document.\n\nEven with blank lines in it.\n"
 JSONL = ["First JSON document.", "Second JSON document, a little longer than the first one."]
@@ -121,6 +121,19 @@ def test_bad_inputs_name_the_file_and_write_nothing(tmp_path, inputs, workers):
         assert str(caught.value).startswith(message)
         assert list(out.iterdir()) == []
 
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line_and_a_failed_run_leaves_none(tmp_path, inputs):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, message in [(afile, f"--out {afile}: exists and is not a folder"),
+                         (afile / "d", f"--out {afile / 'd'}: {afile} is a file, not a folder")]:
+        with pytest.raises(UsageError) as caught:
+            tokenize_files(inputs, out, val_tokens=10, workers=1, progress=False)
+        assert str(caught.value) == message and afile.read_text() == "x"
+    with pytest.raises(DataError, match="nothing would be left for training"):
+        tokenize_files(inputs, tmp_path / "new" / "d", workers=1, progress=False)
+    assert list((tmp_path / "new").iterdir()) == []
 
 def test_cli_bad_input_exits_1_with_one_line(tmp_path, inputs):
     bad = tmp_path / "bad.jsonl"

@@ -183,6 +183,16 @@ def test_unreachable_hub_fails_fast_with_one_line(tmp_path):
     assert lines[0].startswith("speedrun data: error: cannot reach the Hugging Face hub")
 
 
+
+def test_a_dir_that_is_a_file_is_refused_before_the_network(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for folder, why in [(afile, "exists and is not a folder"), (afile / "d", f"{afile} is a file, not a folder")]:
+        result = run_fineweb(tmp_path, "http://127.0.0.1:9", "--train-shards", "1", "--dir", str(folder))
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [f"speedrun data: error: --dir {folder}: {why}"]
+    assert afile.read_text() == "x"
+
 def test_bad_arguments_exit_2(tmp_path):
     result = run_fineweb(tmp_path, "http://127.0.0.1:9", "--train-shards", "104", "--dir", str(tmp_path / "d"))
     assert result.returncode == 2

@@ -14,7 +14,7 @@ from speedrun import checkpoint
 from speedrun.config import load_config, to_dict
 from speedrun.data.tokenizer import EOT
 from speedrun.distributed import Runtime
-from speedrun.errors import DataError
+from speedrun.errors import DataError, UsageError
 from speedrun.export import export, from_pretrained  # from_pretrained: the import exported READMEs show
 from speedrun.loading import final_window, load_model
 from speedrun.model import GPT
@@ -142,6 +142,16 @@ def test_missing_checkpoint_is_one_line_usage_error(tmp_path):
                                     f"with checkpoints/step_*, a checkpoint directory or a folder written by "
                                     f"`speedrun export`)")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_out_that_is_or_lies_under_a_file_is_refused_before_loading(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, why in [(afile, "exists and is not a folder"), (afile / "model", f"{afile} is a file, not a folder")]:
+        with pytest.raises(UsageError) as caught:
+            export(tmp_path / "no-run-here", out)  # the run is not looked at: the folder is refused first
+        assert str(caught.value) == f"--out {out}: {why}"
+    assert afile.read_text() == "x"
 
 
 @pytest.mark.parametrize("damage,detail", [

@@ -134,7 +134,8 @@ def test_a_run_directory_with_results_is_never_reused(four_step_run, tmp_path):
     r = run_cli("train", "--out", str(afile), check=False)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(f"--out {afile}: exists and is not a folder")
     r = run_cli("train", "--out", str(afile / "sub"), check=False)
-    assert r.returncode == 2 and "cannot write there" in r.stderr and afile.read_text() == "x"
+    assert r.returncode == 2 and afile.read_text() == "x"
+    assert r.stderr.strip().splitlines()[-1].endswith(f"--out {afile / 'sub'}: {afile} is a file, not a folder")
 
 
 def test_overwrite_removes_the_old_results_first(tmp_path):

@@ -20,6 +20,7 @@ import numpy as np
 
 from speedrun.data import shards, tokenizer
 from speedrun.errors import DataError, UsageError, first_line
+from speedrun.rundir import make_folder
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
@@ -193,7 +194,8 @@ def tokenize_files(inputs: list[str | Path], out_dir: str | Path, *, val_tokens:
             raise DataError(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    created = not out.exists()
+    make_folder(out)
     staging = Path(tempfile.mkdtemp(dir=out, prefix=f".{prefix}-tokenize-"))
     try:
         sink = _ShardSink(staging, prefix, val_tokens, shard_tokens)
@@ -219,6 +221,8 @@ def tokenize_files(inputs: list[str | Path], out_dir: str | Path, *, val_tokens:
                 old.unlink()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out.iterdir()):  # a failed run leaves no empty folder behind
+            out.rmdir()
     return [(out / name, count) for name, count in sink.written]
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from speedrun.data import shards
 from speedrun.errors import DataError, UsageError, first_line
+from speedrun.rundir import check_folder, make_folder
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def download_fineweb(dataset: str = DEFAULT_DATASET, train_shards: int = DEFAULT
     info = DATASETS[dataset]
     if not 0 <= train_shards <= info.train_shards:
         raise UsageError(f"--train-shards must be between 0 and {info.train_shards} for {dataset}, got {train_shards}")
-    out = Path(out_dir) if out_dir is not None else Path("data") / dataset
+    out = check_folder(Path(out_dir) if out_dir is not None else Path("data") / dataset, "--dir")
     names = [info.val_name()] + [info.train_name(i) for i in range(1, train_shards + 1)]
     missing = [name for name in names if not _complete(out / name)]
     say = print if progress else (lambda *a, **k: None)
@@ -80,7 +81,7 @@ def download_fineweb(dataset: str = DEFAULT_DATASET, train_shards: int = DEFAULT
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars, logging as hub_logging
 
     check_reachable(info.repo, missing[0], revision)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "--dir")
     # Its retry warnings are multi-line; any failure that survives the retries is reported below.
     verbosity = hub_logging.get_verbosity()
     hub_logging.set_verbosity_error()
