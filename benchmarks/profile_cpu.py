@@ -70,7 +70,7 @@ def main() -> int:
         for name, ms in summary.items():
             if name != "step" and ms > 0:  # phases of what this run compiles, its optimizers
                 print(f"  {name:<12} {ms:8.0f} ms  {100 * ms / summary['step']:5.1f}%")
-        print(f"  top operators by own time (ms/step):")
+        print("  top operators by own time (ms/step):")
         for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.top]:
             print(f"    {e.key[:60]:<60} {e.self_cpu_time_total / 1e3 / args.steps:8.1f}  x{e.count // args.steps}")
     teardown()
