@@ -178,15 +178,20 @@ def shard_loss(path: str, data: str, tokens: int | None = None, seq_len: int | N
     final val_loss."""
     from speedrun.data.loader import val_batches
 
-    cfg, model = load_model(path, device)
-    tokens = tokens or cfg.data.val_tokens
-    seq_len = seq_len or cfg.data.val_seq_len
-    pattern = pattern or cfg.data.val_pattern
-    if cfg.model.positional == "learned" and seq_len > cfg.model.max_seq_len:
-        raise UsageError(f"--seq-len {seq_len} exceeds the {cfg.model.max_seq_len} positions this model has learned")
+    for flag, value in (("--tokens", tokens), ("--seq-len", seq_len)):
+        if value is not None and value <= 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
     folder = Path(data)
     if not folder.is_dir():
         raise DataError(f"data folder {folder} does not exist" if not folder.exists() else f"{folder} is not a folder")
+    cfg, model = load_model(path, device)
+    tokens = cfg.data.val_tokens if tokens is None else tokens
+    seq_len = cfg.data.val_seq_len if seq_len is None else seq_len
+    pattern = pattern or cfg.data.val_pattern
+    if cfg.model.positional == "learned" and seq_len > cfg.model.max_seq_len:
+        raise UsageError(f"--seq-len {seq_len} exceeds the {cfg.model.max_seq_len} positions this model has learned")
+    if tokens < seq_len:
+        raise UsageError(f"{tokens:,} tokens hold no whole sequence of {seq_len:,} (--tokens, --seq-len)")
     files = sorted(p for p in folder.glob(pattern) if p.is_file())
     if not files:
         raise DataError(f"no shards matching '{pattern}' in {folder}")

@@ -17,7 +17,7 @@ from speedrun import evaluate
 from speedrun.data import shards
 from speedrun.data.corpus import builtin_corpus_dir
 from speedrun.data.tokenizer import EOT, gpt2
-from speedrun.errors import DataError
+from speedrun.errors import DataError, UsageError
 from speedrun.loading import final_window, load_model
 from test_export import trained_run
 
@@ -145,3 +145,10 @@ def test_shard_loss_options_and_failures(run, tmp_path):
     assert r.stderr.strip() == f"speedrun eval: error: no shards matching '*_val_*.bin' in {tmp_path / 'empty'}"
     with pytest.raises(DataError, match="does not exist"):
         evaluate.shard_loss(str(run), str(tmp_path / "missing"), device="cpu")
+    # a zero is refused, not read as "the run's value"
+    for options, message in [(dict(tokens=0), "--tokens must be positive, got 0"),
+                             (dict(seq_len=-5), "--seq-len must be positive, got -5"),
+                             (dict(tokens=100, seq_len=200), "100 tokens hold no whole sequence of 200 (--tokens, --seq-len)")]:
+        with pytest.raises(UsageError) as caught:
+            evaluate.shard_loss(str(run), str(builtin_corpus_dir()), device="cpu", **options)
+        assert str(caught.value) == message
