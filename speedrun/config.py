@@ -465,7 +465,7 @@ def config_from_args(args: argparse.Namespace, flag_keys: dict[str, str] | None 
     """The config that add_config_arguments' options name (default_preset where neither --preset nor
     --config is given), then every flag of `flag_keys` (flag: the one config key it stands for) that
     the command line gives."""
-    preset = args.preset if args.preset or args.config else default_preset()
+    preset = default_preset() if args.preset is None and args.config is None else args.preset
     flags = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in (flag_keys or {}).items()
              if getattr(args, flag) is not None]
     return load_config(preset, args.config, [*args.set, *flags])
