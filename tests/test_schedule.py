@@ -141,3 +141,11 @@ def test_plot_path_checks(tmp_path):
     with pytest.raises(UsageError, match="cannot write"):
         check_plot_path(str(tmp_path / "schedule.xyz"))
     assert check_plot_path(str(tmp_path / "schedule.png")) == tmp_path / "schedule.png"
+
+
+@pytest.mark.parametrize("command", ["schedule", "doctor"])
+def test_an_empty_preset_is_an_unknown_one_not_the_default(command):
+    r = run_cli_here(command, "--preset", "", check=False)
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"speedrun {command}: error: unknown preset ''; choose one of: baseline-tiny, "
+                                "gpt2-baseline, gpt2-medium-speedrun, gpt2-speedrun, gpt2-speedrun-2025, tiny, tiny-2025")
