@@ -492,6 +492,8 @@ def resumed_config(saved: Config, asked: Config, keys: set[str]) -> tuple[Config
 def run(cfg: Config, options: RunOptions) -> dict:
     rt = setup(cfg.train.device)
     try:
+        if options.resume not in (None, "auto"):  # a path that holds no checkpoint is refused before --out is made
+            checkpoint.find_resume(Path(options.resume), options.resume)
         run_dir = _run_dir(options.out, options.resume, options.overwrite, rt)
         trainer, resumed = resume(cfg, rt, run_dir, options)
         log = _open_log(trainer, run_dir, options, resumed)

@@ -87,6 +87,12 @@ def test_damaged_run_directories_are_one_line(tmp_path):
     (ckpt / "config.toml").unlink()
     line = _one_error_line(run_cli("train", "--resume", str(ckpt), check=False))
     assert "state.json: not a readable checkpoint state" in line
+    # a path without a checkpoint is refused before a new --out is made
+    r = run_cli("train", "--resume", str(ckpt.parent), "--out", str(tmp_path / "new"), check=False)
+    line = _one_error_line(r, code=2)
+    assert line.endswith(f"--resume {ckpt.parent}: no checkpoint there (expected a run directory with "
+                         "checkpoints/step_* or a checkpoint directory with state.json)")
+    assert not (tmp_path / "new").exists()
 
 
 def test_bench_checks_every_preset_before_measuring():
