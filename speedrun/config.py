@@ -441,7 +441,6 @@ def load_config(preset: str | None = None, file: str | Path | None = None, overr
     return cfg
 
 
-
 def default_preset() -> str:
     """The preset of a command given neither --preset nor --config: the record's with a CUDA device,
     else tiny."""
@@ -469,6 +468,7 @@ def config_from_args(args: argparse.Namespace, flag_keys: dict[str, str] | None 
     flags = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in (flag_keys or {}).items()
              if getattr(args, flag) is not None]
     return load_config(preset, args.config, [*args.set, *flags])
+
 
 def scale_steps(cfg: Config, steps: int) -> None:
     """Shorten or lengthen a run: every step-counted schedule keeps its fraction of the run.
