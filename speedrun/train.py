@@ -492,10 +492,11 @@ def resumed_config(saved: Config, asked: Config, keys: set[str]) -> tuple[Config
 def run(cfg: Config, options: RunOptions) -> dict:
     rt = setup(cfg.train.device)
     try:
-        if options.resume not in (None, "auto"):  # a path that holds no checkpoint is refused before --out is made
-            checkpoint.find_resume(Path(options.resume), options.resume)
+        # a --resume path is looked up before --out is made, so that a wrong one leaves nothing behind
+        named = (None if options.resume in (None, "auto")
+                 else checkpoint.find_resume(Path(options.resume), options.resume))
         run_dir = _run_dir(options.out, options.resume, options.overwrite, rt)
-        trainer, resumed = resume(cfg, rt, run_dir, options)
+        trainer, resumed = resume(cfg, rt, run_dir, options, named)
         log = _open_log(trainer, run_dir, options, resumed)
         try:
             warm = _warm_up(trainer, log)
@@ -509,11 +510,13 @@ def run(cfg: Config, options: RunOptions) -> dict:
         teardown()
 
 
-def resume(cfg: Config, rt: Runtime, run_dir: Path, options: RunOptions) -> tuple[Trainer, list[str]]:
-    """The trainer: a fresh one, or with --resume one continued from the checkpoint it names, under
-    that checkpoint's config with the asked changes RESUMABLE allows. Also what the log's header
-    says about it: the checkpoint and each change, nothing for a fresh start."""
-    found = checkpoint.find_resume(run_dir, options.resume) if options.resume else None
+def resume(cfg: Config, rt: Runtime, run_dir: Path, options: RunOptions,
+           named: Path | None) -> tuple[Trainer, list[str]]:
+    """The trainer: a fresh one, or with --resume one continued from its checkpoint (`named`, or with
+    --resume auto the newest in run_dir), under that checkpoint's config with the asked changes
+    RESUMABLE allows. Also what the log's header says about it: the checkpoint and each change,
+    nothing for a fresh start."""
+    found = checkpoint.find_resume(run_dir, "auto") if options.resume == "auto" else named
     notes: list[str] = []
     if found is not None:
         state = checkpoint.read_state(found)
